@@ -1,0 +1,175 @@
+"""CCA alignment (CCA Merge, Horoi et al., ICML 2024)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from skmerge.aligners._base import BaseAligner, SmallSampleWarning, check_regularization
+from skmerge.stats import CrossCovariance
+
+__all__ = ["CCAAligner"]
+
+
+def _shrink(cov: torch.Tensor, r: float) -> torch.Tensor:
+    """Scale-free shrinkage ``(1 - r) S + r (tr S / d) I``."""
+    if r == 0.0:
+        return cov
+    d = cov.shape[0]
+    target = torch.trace(cov) / d
+    return (1.0 - r) * cov + (r * target) * torch.eye(d, dtype=cov.dtype, device=cov.device)
+
+
+def _oas_shrinkage(cov: torch.Tensor, n_samples: int) -> float:
+    """Oracle Approximating Shrinkage intensity (Chen et al. 2010).
+
+    Same formula as ``sklearn.covariance.OAS``, computed from the covariance
+    alone (the intensity is invariant to its scale, so ``ddof`` does not
+    matter), which is what streaming statistics allow; Ledoit-Wolf would need
+    fourth moments of the raw samples.
+    """
+    d = cov.shape[0]
+    if d == 1:
+        return 0.0  # one feature: shrinking towards its own variance is a no-op
+    mu = float(torch.trace(cov)) / d
+    alpha = float((cov * cov).mean())
+    numerator = alpha + mu * mu
+    denominator = (n_samples + 1) * (alpha - mu * mu / d)
+    return 1.0 if denominator <= 0 else min(numerator / denominator, 1.0)
+
+
+def _sqrt_and_inv_sqrt(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S^1/2`` and the pseudo-inverse ``S^-1/2`` of a symmetric PSD matrix.
+
+    Eigenvalues below ``d * eps * lambda_max`` (numerical rank, as in
+    ``scipy.linalg.pinvh``) count as zero: their inverse square root is 0, not
+    a huge number. Zero-variance directions (dead units, n < d) are therefore
+    mapped to zero instead of being amplified by ~1e7, and everything stays
+    finite.
+    """
+    evals, evecs = torch.linalg.eigh(cov)
+    d = cov.shape[0]
+    floor = d * torch.finfo(cov.dtype).eps * evals.max().clamp_min(0.0)
+    keep = evals > floor
+    safe = torch.where(keep, evals, torch.ones_like(evals))
+    root = torch.where(keep, safe.sqrt(), torch.zeros_like(evals))
+    inv_root = torch.where(keep, safe.rsqrt(), torch.zeros_like(evals))
+    return (evecs * root) @ evecs.T, (evecs * inv_root) @ evecs.T
+
+
+class CCAAligner(BaseAligner):
+    """Align ``X``'s features to ``y``'s with canonical correlation analysis.
+
+    The mapping of CCA Merge (Horoi et al., "Harmony in Diversity: Merging
+    Neural Networks with Canonical Correlation Analysis", ICML 2024): find the
+    directions of maximal correlation between the two feature spaces and map
+    ``X``'s onto ``y``'s. With centered covariances ``S_xx``, ``S_yy``,
+    ``S_xy``, shrunk as ``S <- (1 - r) S + r (tr S / d) I`` on both sides::
+
+        U, s, Vt = svd(S_xx^-1/2 S_xy S_yy^-1/2)
+        mapping_         = S_xx^-1/2 U Vt S_yy^1/2      # (p, q)
+        inverse_mapping_ = S_yy^-1/2 V Ut S_xx^1/2      # (q, p)
+
+    ``r = 0`` is plain CCA; it recovers ``A`` exactly when ``y = X A`` with
+    ``A`` invertible. ``r = 1`` is the orthogonal Procrustes rotation ``U Vt``
+    of ``S_xy`` scaled by ``sqrt((tr S_yy / q) / (tr S_xx / p))`` (the ratio of
+    mean variances; ``sqrt(tr S_yy / tr S_xx)`` when ``p == q``). Inverse
+    square roots are pseudo-inverses, so rank-deficient covariances (dead
+    units, fewer samples than features) give finite mappings.
+
+    Parameters
+    ----------
+    regularization : float in [0, 1] or "auto", default="auto"
+        Shrinkage ``r`` of both covariances towards a multiple of the
+        identity. Scale-free: the same value means the same amount of
+        shrinkage whatever the activations' magnitude. ``"auto"`` picks one
+        intensity per side with the Oracle Approximating Shrinkage formula
+        (Chen et al. 2010), computed from the streaming statistics. Tune it
+        with ``GridSearchCV`` (the ``score`` method is a held-out measure).
+
+    Attributes
+    ----------
+    mapping_ : ndarray or torch.Tensor of shape (p, q)
+        ``transform(X) == X @ mapping_``.
+    inverse_mapping_ : ndarray or torch.Tensor of shape (q, p)
+        ``inverse_transform(Z) == Z @ inverse_mapping_``; the inverse of
+        ``mapping_`` when ``p == q`` and both covariances have full rank,
+        otherwise the rank-``min(p, q)`` pseudo-inverse ``P_y P_x^+``.
+    canonical_correlations_ : ndarray or torch.Tensor of shape (min(p, q),)
+        Canonical correlations of the (regularized) problem, descending, in
+        [0, 1].
+    regularization_ : tuple of float
+        Shrinkage actually used on the ``X`` side and on the ``y`` side.
+    n_features_in_ : int
+        Number of features ``p`` of ``X``.
+    feature_names_in_ : ndarray of shape (p,)
+        Defined only when ``X`` has string feature names.
+    stats_ : CrossCovariance
+        The statistics the aligner was fitted from.
+
+    Warns
+    -----
+    SmallSampleWarning
+        When ``regularization=0`` and ``n_samples < 2 * max(p, q)``.
+
+    See Also
+    --------
+    PermutationAligner : One-to-one feature matching.
+    skmerge.stats.CrossCovariance : Streaming statistics for ``fit_from_stats``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmerge.aligners import CCAAligner
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 3))
+    >>> A = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 3.0]])
+    >>> aligner = CCAAligner(regularization=0).fit(X, X @ A)
+    >>> np.allclose(aligner.mapping_, A)
+    True
+    >>> np.round(aligner.canonical_correlations_, 6)
+    array([1., 1., 1.])
+    """
+
+    def __init__(self, regularization: float | str = "auto") -> None:
+        self.regularization = regularization
+
+    def _check_params(self) -> None:
+        check_regularization(self.regularization)
+
+    def _solve(self, stats: CrossCovariance) -> dict[str, Any]:
+        regularization = check_regularization(self.regularization)
+        n, p, q = stats.n_samples_, stats.n_features_x, stats.n_features_y
+        s_xx, s_yy, s_xy = stats.covariance_xx(), stats.covariance_yy(), stats.covariance_xy()
+        if regularization == "auto":
+            r_x, r_y = _oas_shrinkage(s_xx, n), _oas_shrinkage(s_yy, n)
+        else:
+            r_x = r_y = regularization
+            if regularization == 0.0 and n < 2 * max(p, q):
+                warnings.warn(
+                    f"CCAAligner fitted on n_samples={n} for {p} and {q} features with "
+                    "regularization=0: the covariances are (nearly) singular and the "
+                    'mapping overfits. Use regularization="auto" or a value in (0, 1], '
+                    "or more alignment data.",
+                    SmallSampleWarning,
+                    stacklevel=4,
+                )
+        sqrt_xx, inv_sqrt_xx = _sqrt_and_inv_sqrt(_shrink(s_xx, r_x))
+        sqrt_yy, inv_sqrt_yy = _sqrt_and_inv_sqrt(_shrink(s_yy, r_y))
+        u, s, vh = torch.linalg.svd(inv_sqrt_xx @ s_xy @ inv_sqrt_yy, full_matrices=False)
+        # Polar factor over the canonical directions that carry correlation.
+        # Directions with (numerically) zero correlation, e.g. units that are
+        # dead on the data, have arbitrary singular vectors: mixing them would
+        # turn dead units into live ones, so they are mapped to zero instead.
+        tolerance = max(p, q) * torch.finfo(s.dtype).eps * (s.max() if s.numel() else 0.0)
+        keep = s > tolerance
+        rotation = u[:, keep] @ vh[keep]
+        return {
+            "mapping_": inv_sqrt_xx @ rotation @ sqrt_yy,
+            "inverse_mapping_": inv_sqrt_yy @ rotation.T @ sqrt_xx,
+            # Rounding can push perfect correlations a hair above 1.
+            "canonical_correlations_": s.clamp(0.0, 1.0),
+            "regularization_": (float(r_x), float(r_y)),
+        }

@@ -1,0 +1,159 @@
+"""Apply per-space transforms (permutations or invertible maps) to a state_dict."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from ._spaces import ParamSlice, Space
+
+__all__ = ["apply_transforms"]
+
+
+def _as_matrix(x) -> torch.Tensor | None:
+    try:
+        t = torch.as_tensor(x)
+    except Exception:
+        return None
+    return t if t.ndim == 2 else None
+
+
+def _normalize(transform, space: Space, i: int):
+    """Return ``None``, ``("perm", perm)`` or ``("pair", mapping, inverse)``."""
+    if transform is None:
+        return None
+    d = space.dim
+    if isinstance(transform, (tuple, list)) and len(transform) == 2:
+        mats = [_as_matrix(x) for x in transform]
+        if all(m is not None for m in mats):
+            for name, m in zip(("mapping", "inverse_mapping"), mats):
+                if tuple(m.shape) != (d, d):
+                    raise ValueError(
+                        f"transforms[{i}]: {name} has shape {tuple(m.shape)}, expected ({d}, {d}) "
+                        f"for space {space.name!r}"
+                    )
+                if not torch.isfinite(m).all():
+                    raise ValueError(f"transforms[{i}]: {name} contains NaN or inf")
+            return ("pair", mats[0].to(torch.float64), mats[1].to(torch.float64))
+    try:
+        perm = torch.as_tensor(transform)
+    except Exception:
+        perm = None
+    if perm is not None and perm.ndim == 1 and not (perm.is_floating_point() or perm.is_complex()):
+        perm = perm.to(device="cpu", dtype=torch.long)
+        if perm.numel() != d or not torch.equal(perm.sort().values, torch.arange(d)):
+            raise ValueError(f"transforms[{i}] is not a permutation of range({d}) (space {space.name!r})")
+        return ("perm", perm)
+    raise TypeError(
+        f"transforms[{i}] must be None, a 1-D integer permutation of length {d}, or a pair "
+        f"(mapping, inverse_mapping) of ({d}, {d}) matrices; got {type(transform).__name__}"
+    )
+
+
+def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
+    """Transform the positions of ``sl`` in ``t`` (float64, contiguous) in place."""
+    index = sl.index.to(t.device)
+    d, k = index.shape
+    # k > 1 (or positions past the axis): the positions count tensor.flatten(axis)
+    flat = k > 1 or (index.numel() > 0 and int(index.max()) >= t.shape[sl.axis])
+    view = t.flatten(sl.axis) if flat else t
+    positions = index.reshape(-1)
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= view.shape[sl.axis]):
+        raise ValueError(
+            f"{sl!r} points past the {view.shape[sl.axis]} positions of axis {sl.axis} of "
+            f"{sl.name!r} (shape {tuple(t.shape)}): the space does not match this state_dict"
+        )
+    g = view.index_select(sl.axis, positions).movedim(sl.axis, 0)
+    rest = g.shape[1:]
+    g = g.reshape(d, k, *rest)  # channel, its k positions, everything else
+    if op[0] == "perm":
+        g = g[op[1].to(t.device)]
+    elif role == "producers":
+        mapping = op[1].to(t.device)
+        # rows: P' = mapping^T P ; variances: v' = (mapping**2)^T v
+        mat = mapping.square() if sl.variance else mapping
+        g = torch.tensordot(mat.T, g, dims=1)
+    else:
+        # columns: C' = C inverse^T, i.e. new channel j = sum_i inverse[j, i] old channel i
+        g = torch.tensordot(op[2].to(t.device), g, dims=1)
+    view.index_copy_(sl.axis, positions, g.reshape(d * k, *rest).movedim(0, sl.axis))
+
+
+def apply_transforms(state_dict: dict, spaces: Sequence[Space], transforms: Sequence) -> dict:
+    """Transform a state_dict space by space.
+
+    Convention: a model's features ``z`` (a row vector over a space's
+    channels) become ``z @ mapping`` in the new basis. Producers therefore
+    become ``mapping.T @ P`` along their axis, variance slices
+    ``(mapping**2).T @ v``, and consumers ``C @ inverse_mapping.T``; with
+    ``k > 1`` positions per channel every position transforms the same way.
+    A permutation ``perm`` (new channel ``j`` = old channel ``perm[j]``) is the
+    mapping with ``mapping[perm[j], j] = 1`` and is applied by indexing.
+
+    Parameters
+    ----------
+    state_dict : dict of str to torch.Tensor
+        A model's ``state_dict()``; it is not modified.
+    spaces : sequence of Space
+        Spaces from :func:`find_spaces` (or built by hand).
+    transforms : sequence
+        One entry per space: ``None`` (unchanged), a 1-D integer
+        permutation of length ``dim`` (LongTensor, array or list), or a pair
+        ``(mapping, inverse_mapping)`` of ``(dim, dim)`` float matrices
+        (tensors or arrays, on any device).
+
+    Returns
+    -------
+    dict
+        A new state_dict (same key order, ``_metadata`` kept) whose tensors are
+        new tensors with the original dtypes and devices. The arithmetic runs
+        in float64.
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ, a transform has the wrong shape, is not a
+        permutation, or contains NaN/inf.
+    KeyError
+        If a slice names a key that is not in ``state_dict``.
+
+    Notes
+    -----
+    Spaces never share positions of a tensor, so the order in which they are
+    applied does not matter. ``block_size`` is not enforced here: a
+    transform that is not block-diagonal under GroupNorm changes the function.
+    """
+    spaces, transforms = list(spaces), list(transforms)
+    if len(spaces) != len(transforms):
+        raise ValueError(f"got {len(transforms)} transforms for {len(spaces)} spaces")
+    ops = [_normalize(t, s, i) for i, (s, t) in enumerate(zip(spaces, transforms))]
+
+    work: dict[str, torch.Tensor] = {}
+    for space, op in zip(spaces, ops):
+        if op is None:
+            continue
+        for role in ("producers", "consumers"):
+            for sl in getattr(space, role):
+                if sl.name not in state_dict:
+                    raise KeyError(f"space {space.name!r}: {sl.name!r} is not in the state_dict")
+                if sl.name not in work:
+                    src = state_dict[sl.name]
+                    # float64 for exact permutations and accurate products; MPS has no float64
+                    device = torch.device("cpu") if src.device.type == "mps" else src.device
+                    work[sl.name] = src.detach().to(device=device, dtype=torch.float64, copy=True).contiguous()
+                _transform_slice(work[sl.name], sl, op, role)
+
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        if key in work:
+            out[key] = work[key].to(device=value.device, dtype=value.dtype)
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.detach().clone()
+        else:
+            out[key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata
+    return out

@@ -1,0 +1,265 @@
+"""Data classes describing feature spaces: :class:`ParamSlice`, :class:`Tap`, :class:`Space`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ParamSlice", "Tap", "Space", "UnsupportedOperationError"]
+
+_HAND_HINT = (
+    "To merge such a model, describe its feature spaces by hand: build "
+    "skmerge.graph.Space objects (with ParamSlice and Tap) and pass them as "
+    "ModelMerger(..., spaces=spaces), or to permute_model/check_spaces(spaces=...) to "
+    "check them (see the user guide page 'Feature spaces')."
+)
+
+
+class UnsupportedOperationError(ValueError):
+    """A model contains an operation that :func:`find_spaces` has no rule for.
+
+    Raised instead of guessing, so that a merge never uses a silently wrong
+    description of the model. The message names the torch.fx node, its
+    op/target and the module path it was called from, and explains how to
+    pass the spaces by hand.
+
+    Attributes
+    ----------
+    node : str or None
+        Name of the offending torch.fx node (None for tracing failures).
+    target : str or None
+        Readable op/target of that node.
+    module_path : str or None
+        Path of the module the node was called from (``""`` for the root).
+    """
+
+    def __init__(self, message, *, node=None, target=None, module_path=None):
+        super().__init__(message)
+        self.node = node
+        self.target = target
+        self.module_path = module_path
+
+
+def _as_index(index) -> torch.Tensor:
+    index = torch.as_tensor(index, dtype=torch.long, device="cpu")
+    if index.ndim == 1:
+        index = index[:, None]
+    if index.ndim != 2:
+        raise ValueError(f"ParamSlice.index must be 1-D or 2-D, got shape {tuple(index.shape)}")
+    return index
+
+
+def _index_text(index: torch.Tensor, axis: int) -> str:
+    """Compact text for an index: a slice when it is a contiguous range."""
+    d, k = index.shape
+    flat = index.reshape(-1)
+    if d and k == 1 and torch.equal(flat, torch.arange(int(flat[0]), int(flat[0]) + d)):
+        rng = f"{int(flat[0])}:{int(flat[0]) + d}"
+        return "[" + ":, " * axis + rng + "]"
+    return f"[axis {axis}: {d} ch x {k}]"
+
+
+@dataclass(frozen=True, eq=False)
+class ParamSlice:
+    """Positions of one state_dict tensor that belong to a feature space.
+
+    Parameters
+    ----------
+    name : str
+        ``state_dict`` key, e.g. ``"layer1.0.conv1.weight"``; parameters and
+        buffers (``running_mean``, ``running_var``) alike.
+    axis : int
+        Axis of that tensor the space lives on (0 for output rows, biases and
+        norm parameters; 1 for the input columns of Linear/Conv weights).
+    index : torch.Tensor
+        LongTensor of shape ``(d, k)`` (a 1-D index is read as ``(d, 1)``):
+        channel ``c`` of the space owns positions ``index[c, :]`` along
+        ``axis``. ``k`` is 1 normally, ``H*W`` for the input columns of a
+        Linear after a Flatten of ``(C, H, W)``, and ``H*W`` for the weight of
+        ``LayerNorm([C, H, W])``. When ``k > 1`` (or the index points past the
+        size of ``axis``) the positions count ``tensor.flatten(axis)``, i.e.
+        the axis together with all trailing dimensions; when ``k == 1``
+        trailing dimensions (convolution kernels) are carried along.
+    variance : bool, default=False
+        True for variance-like buffers (``running_var``): they transform with
+        the elementwise squares of the mapping.
+    """
+
+    name: str
+    axis: int
+    index: torch.Tensor
+    variance: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "index", _as_index(self.index))
+        object.__setattr__(self, "axis", int(self.axis))
+
+    @property
+    def dim(self) -> int:
+        """Number of channels ``d`` covered by the slice."""
+        return int(self.index.shape[0])
+
+    def __eq__(self, other):
+        if not isinstance(other, ParamSlice):
+            return NotImplemented
+        return (
+            self.name == other.name
+            and self.axis == other.axis
+            and self.variance == other.variance
+            and torch.equal(self.index, other.index)
+        )
+
+    def __hash__(self):
+        return hash((self.name, self.axis, self.variance, tuple(self.index.shape)))
+
+    def __repr__(self):
+        var = ", variance" if self.variance else ""
+        return f"ParamSlice({self.name}{_index_text(self.index, self.axis)}{var})"
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A place where a space is observed: the input of a consumer module.
+
+    The input is read with a forward pre-hook on ``module``.
+
+    Parameters
+    ----------
+    module : str
+        Module path of the consumer (Linear/Conv) whose *input* is observed,
+        e.g. ``"layer2.0.conv1"``.
+    axis : int
+        Feature axis of that input (1 for convolutions and ``(N, C)`` inputs,
+        -1 for Linear layers on ``(N, ..., C)``).
+    offset : int
+        First channel of the space along that axis (non-zero after
+        ``torch.cat``).
+    block : int, default=1
+        After a Flatten of ``(C, H, W)`` the axis has ``C * block`` entries,
+        channel ``c`` at ``c * block + j``; the ``j`` become extra samples.
+    dim : int or None, default=None
+        Number of channels of the space. ``find_spaces`` fills it in, and so
+        does :class:`Space` for taps built by hand; None means "to the end of
+        the axis".
+    """
+
+    module: str
+    axis: int
+    offset: int = 0
+    block: int = 1
+    dim: int | None = None
+
+    def extract(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return this space's channels of a consumer input as a sample matrix.
+
+        Parameters
+        ----------
+        tensor : torch.Tensor
+            The input of ``module`` (what a forward pre-hook receives).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n_samples, dim)`` matrix: every position other than the
+            channel (batch, spatial, token and block positions) is a sample.
+        """
+        x = tensor.movedim(self.axis, -1)
+        width = x.shape[-1]
+        if width % self.block:
+            raise ValueError(
+                f"tap on {self.module!r}: axis of size {width} is not a multiple of block {self.block}"
+            )
+        n_channels = width // self.block
+        # channel c sits at c * block + j; the j's become samples
+        x = x.reshape(*x.shape[:-1], n_channels, self.block).movedim(-1, -2)
+        x = x.reshape(-1, n_channels)
+        stop = n_channels if self.dim is None else self.offset + self.dim
+        if stop > n_channels:
+            raise ValueError(
+                f"tap on {self.module!r}: channels {self.offset}:{stop} exceed the {n_channels} "
+                "channels of the observed tensor"
+            )
+        return x[:, self.offset : stop]
+
+    def __repr__(self):
+        extra = f", offset={self.offset}" if self.offset else ""
+        extra += f", block={self.block}" if self.block != 1 else ""
+        return f"Tap({self.module!r}, axis={self.axis}{extra})"
+
+
+def _short_list(items, limit=6) -> str:
+    items = list(items)
+    text = ", ".join(repr(i) for i in items[:limit])
+    if len(items) > limit:
+        text += f", ... (+{len(items) - limit} more)"
+    return text or "-"
+
+
+@dataclass
+class Space:
+    """A set of channels that must share one transform.
+
+    Parameters
+    ----------
+    dim : int
+        Number of channels.
+    producers : sequence of ParamSlice
+        Slices creating the space: Linear/Conv weight rows and biases, and the
+        channel-wise norm parameters and running statistics that follow.
+        They transform as ``P' = mapping.T @ P`` along their axis.
+    consumers : sequence of ParamSlice
+        Input columns of Linear/Conv weights reading the space. They
+        transform as ``C' = C @ inverse_mapping.T`` along their axis.
+    taps : sequence of Tap
+        Every consumer input where the space is observed; a residual stream
+        has several and their statistics are pooled.
+    block_size : int or None, default=None
+        Transforms must be block-diagonal with blocks of this size (``dim``
+        normally, ``C // G`` under ``GroupNorm(G, C)``). None means ``dim``.
+    name : str, default=""
+        Readable name, e.g. ``"layer1.0.conv2 (+3 joined)"``.
+    """
+
+    dim: int
+    producers: tuple = ()
+    consumers: tuple = ()
+    taps: tuple = ()
+    block_size: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        self.dim = int(self.dim)
+        self.producers = tuple(self.producers)
+        self.consumers = tuple(self.consumers)
+        if self.block_size is None:
+            self.block_size = self.dim
+        self.block_size = int(self.block_size)
+        if self.block_size < 1 or self.dim % self.block_size:
+            raise ValueError(f"block_size {self.block_size} does not divide dim {self.dim}")
+        for s in self.producers + self.consumers:
+            if not isinstance(s, ParamSlice):
+                raise TypeError(f"producers and consumers must be ParamSlice objects, got {s!r}")
+            if s.dim != self.dim:
+                raise ValueError(f"{s!r} covers {s.dim} channels but the space has dim {self.dim}")
+        taps = []
+        for t in self.taps:
+            if not isinstance(t, Tap):
+                raise TypeError(f"taps must be Tap objects, got {t!r}")
+            if t.dim is None:  # hand-built taps: the space knows its width
+                t = dataclasses.replace(t, dim=self.dim)
+            elif t.dim != self.dim:
+                raise ValueError(f"{t!r} has dim {t.dim} but the space has dim {self.dim}")
+            taps.append(t)
+        self.taps = tuple(taps)
+
+    def __repr__(self):
+        block = f", block_size={self.block_size}" if self.block_size != self.dim else ""
+        return (
+            f"Space(dim={self.dim}{block}, name={self.name!r})\n"
+            f"  producers ({len(self.producers)}): {_short_list(self.producers)}\n"
+            f"  consumers ({len(self.consumers)}): {_short_list(self.consumers)}\n"
+            f"  taps ({len(self.taps)}): {_short_list(self.taps)}"
+        )
+

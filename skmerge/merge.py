@@ -1,0 +1,586 @@
+"""ModelMerger: align the hidden features of several networks, then average them."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._batches import as_loader, iter_inputs, split_batch
+from ._distributed import all_reduce_statistics
+from .aligners import CCAAligner
+from .batchnorm import has_batchnorm, reset_bn_stats
+from .graph import Space, apply_transforms, check_spaces, find_spaces
+from .stats import CrossCovariance, ReferenceCovariance
+
+__all__ = ["ModelMerger", "SmallSampleMergeWarning"]
+
+
+class SmallSampleMergeWarning(UserWarning):
+    """Too few alignment samples for a feature space's dimension."""
+
+
+class ModelMerger(ClassifierMixin, BaseEstimator):
+    """Merge several networks of one architecture into one network.
+
+    Every *feature space* of the architecture (a set of channels that must share
+    one transform, found automatically with :func:`skmerge.graph.find_spaces`)
+    is aligned model by model to the reference model ("all-to-one"): a clone of
+    ``aligner`` is fitted on the activations of the model (``X``) against those
+    of the reference (``y``). The weights of each model are then expressed in
+    the reference's basis (producers get ``mapping.T`` on their rows, consumers
+    ``inverse_mapping.T`` on their columns) and averaged.
+
+    Parameters
+    ----------
+    models : sequence of torch.nn.Module
+        Two or more models of the same architecture (same class, same
+        ``state_dict`` keys and shapes). They are never modified.
+    aligner : estimator, default=CCAAligner()
+        Any skmerge aligner (an estimator with ``fit_from_stats``, ``mapping_``
+        and ``inverse_mapping_``). It is cloned for every (space, model) pair.
+    reference : int, default=0
+        Index of the model whose feature bases the others are aligned to.
+    weights : array-like of shape (n_models,), optional
+        Non-negative averaging weights (normalized to sum to one); uniform by
+        default.
+    reset_bn : bool, default=True
+        Re-estimate the merged model's BatchNorm running statistics on the
+        alignment data (averaged statistics do not describe the merged model).
+    batch_size : int, default=128
+        Batch size of the passes over array, tensor and Dataset inputs.
+    device : {"auto"} or str or torch.device, default="auto"
+        Where the forward passes, statistics and linear algebra run; "auto"
+        picks CUDA when available, else the CPU.
+    spaces : list of skmerge.graph.Space, optional
+        Feature spaces given by hand (for models that torch.fx cannot trace);
+        found automatically when None.
+    self_check : bool, default=False
+        Before merging, check that permuting every found space at random leaves
+        the reference model's outputs unchanged (catches a wrong space).
+    verbose : bool, default=False
+        Show progress bars.
+
+    Attributes
+    ----------
+    merged_model_ : torch.nn.Module
+        The merged network: same class and ``state_dict`` keys as the inputs,
+        on ``device_``, in evaluation mode.
+    spaces_ : list of skmerge.graph.Space
+        The feature spaces that were aligned.
+    aligners_ : list of list
+        ``aligners_[i][k]`` is the aligner fitted for space ``i`` and model
+        ``k`` (``None`` for the reference model, whose basis is kept).
+    statistics_ : list of skmerge.stats.ReferenceCovariance
+        Per space, the accumulated statistics (means, auto-covariances, and
+        cross-covariances with the reference).
+    weights_ : numpy.ndarray of shape (n_models,)
+        The normalized averaging weights.
+    classes_ : numpy.ndarray
+        ``arange(n_outputs)``: class indices predicted by ``predict``.
+    n_samples_seen_ : int
+        Number of alignment inputs.
+    device_ : torch.device
+        Device used.
+    timings_ : dict
+        Seconds spent in ``"statistics"`` (forward passes and accumulation),
+        ``"solve"``, ``"transform"`` (weights and averaging), ``"reset_bn"``
+        and ``"total"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skmerge import ModelMerger, PermutationAligner
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> models = [torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
+    ...                               torch.nn.Linear(16, 3)) for _ in range(2)]
+    >>> merger = ModelMerger(models, PermutationAligner()).fit(torch.randn(256, 4))
+    >>> merger.merged_model_(torch.randn(2, 4)).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        models,
+        aligner=CCAAligner(),
+        reference: int = 0,
+        weights=None,
+        reset_bn: bool = True,
+        batch_size: int = 128,
+        device="auto",
+        spaces=None,
+        self_check: bool = False,
+        verbose: bool = False,
+    ):
+        self.models = models
+        self.aligner = aligner
+        self.reference = reference
+        self.weights = weights
+        self.reset_bn = reset_bn
+        self.batch_size = batch_size
+        self.device = device
+        self.spaces = spaces
+        self.self_check = self_check
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ sklearn
+    def __sklearn_clone__(self):
+        # Share the (never modified) source models instead of deep-copying them,
+        # so that GridSearchCV over large models stays cheap.
+        params = self.get_params(deep=False)
+        cloned = {
+            name: value if name == "models" else clone(value, safe=False)
+            for name, value in params.items()
+        }
+        return type(self)(**cloned)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        tags.input_tags.three_d_array = True
+        return tags
+
+    # ---------------------------------------------------------------- validation
+    def _validated_models(self) -> list[nn.Module]:
+        models = self.models
+        if isinstance(models, nn.Module) or not isinstance(models, Sequence):
+            raise TypeError(
+                "models must be a list or tuple of torch.nn.Module objects, "
+                f"got {type(models).__name__}."
+            )
+        models = list(models)
+        if len(models) < 2:
+            raise ValueError(f"ModelMerger needs at least 2 models, got {len(models)}.")
+        for k, model in enumerate(models):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"models[{k}] is a {type(model).__name__}, not a torch.nn.Module.")
+        first = models[0]
+        reference_shapes = {key: tuple(t.shape) for key, t in first.state_dict().items()}
+        for k, model in enumerate(models[1:], start=1):
+            if type(model) is not type(first):
+                raise ValueError(
+                    f"models[{k}] is a {type(model).__name__} but models[0] is a "
+                    f"{type(first).__name__}: all models must share one architecture."
+                )
+            shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+            if shapes.keys() != reference_shapes.keys():
+                missing = sorted(reference_shapes.keys() - shapes.keys())[:3]
+                extra = sorted(shapes.keys() - reference_shapes.keys())[:3]
+                raise ValueError(
+                    f"models[{k}] has different state_dict keys from models[0] "
+                    f"(missing {missing}, extra {extra}): all models must share one architecture."
+                )
+            for key, shape in shapes.items():
+                if shape != reference_shapes[key]:
+                    raise ValueError(
+                        f"models[{k}] has {key} of shape {shape} but models[0] has "
+                        f"{reference_shapes[key]}: all models must share one architecture."
+                    )
+        return models
+
+    def _validated_reference(self, n_models: int) -> int:
+        ref = self.reference
+        if not isinstance(ref, numbers.Integral) or isinstance(ref, bool):
+            raise TypeError(f"reference must be an int, got {ref!r}.")
+        if not 0 <= ref < n_models:
+            raise ValueError(f"reference={ref} is out of range for {n_models} models.")
+        return int(ref)
+
+    def _validated_weights(self, n_models: int) -> np.ndarray:
+        if self.weights is None:
+            return np.full(n_models, 1.0 / n_models)
+        weights = np.asarray(self.weights, dtype=float)
+        if weights.shape != (n_models,):
+            raise ValueError(
+                f"weights must have one entry per model ({n_models}), got shape {weights.shape}."
+            )
+        if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+            raise ValueError(
+                f"weights must be finite, non-negative and sum to a positive value, got {weights}."
+            )
+        return weights / weights.sum()
+
+    def _resolved_device(self) -> torch.device:
+        if isinstance(self.device, str) and self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device={self.device!r} is not a valid torch device.") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} was asked for, but CUDA is not available.")
+        return device
+
+    # ----------------------------------------------------------------------- fit
+    def fit(self, X, y=None):
+        """Align the models on ``X`` and build ``merged_model_``.
+
+        Parameters
+        ----------
+        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
+            Alignment inputs (first axis = samples), or a dataset/loader of
+            ``x`` or ``(x, y)`` batches. Passed through every model once.
+        y : ignored
+            Accepted so that the merger works in scikit-learn pipelines and
+            ``GridSearchCV``.
+
+        Returns
+        -------
+        self : ModelMerger
+        """
+        start = time.perf_counter()
+        models = self._validated_models()
+        n_models = len(models)
+        reference = self._validated_reference(n_models)
+        self.weights_ = self._validated_weights(n_models)
+        if not hasattr(self.aligner, "fit_from_stats"):
+            raise TypeError(
+                f"aligner must be a skmerge aligner with fit_from_stats, got {type(self.aligner).__name__}."
+            )
+        self.device_ = self._resolved_device()
+        loader = as_loader(X, self.batch_size)
+        example = self._example_input(loader)
+
+        working = [_on_device(model, self.device_) for model in models]
+        modes = [model.training for model in models]
+        try:
+            for model in working:
+                model.eval()
+            dtype = next(working[reference].parameters()).dtype
+            example = example.to(self.device_, dtype) if example.is_floating_point() else example.to(self.device_)
+            spaces = self._spaces(working[reference], example)
+            statistics, n_seen = self._accumulate(working, reference, loader, spaces, dtype)
+            self.timings_ = {"statistics": time.perf_counter() - start}
+
+            tick = time.perf_counter()
+            self.aligners_ = self._solve(spaces, statistics, n_models, reference)
+            self.timings_["solve"] = time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            merged = self._merged_state_dict(working, spaces, reference)
+        finally:
+            for model, mode in zip(models, modes):
+                model.train(mode)
+        merged_model = copy.deepcopy(working[reference])
+        merged_model.load_state_dict(merged)
+        merged_model.eval()
+        self.timings_["transform"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        if self.reset_bn and has_batchnorm(merged_model):
+            reset_bn_stats(merged_model, loader, device=self.device_, verbose=self.verbose)
+        self.timings_["reset_bn"] = time.perf_counter() - tick
+        self.timings_["total"] = time.perf_counter() - start
+
+        self.merged_model_ = merged_model
+        self.spaces_ = spaces
+        self.statistics_ = statistics
+        self.n_samples_seen_ = n_seen
+        self.classes_ = np.arange(self._n_outputs(merged_model, example))
+        return self
+
+    def _example_input(self, loader) -> torch.Tensor:
+        try:
+            batch = next(iter(loader))
+        except StopIteration:
+            raise ValueError("The alignment data X is empty.") from None
+        inputs, _ = split_batch(batch)
+        inputs = torch.as_tensor(inputs)
+        if len(inputs) == 0:
+            raise ValueError("The alignment data X is empty.")
+        return inputs[:2]
+
+    def _spaces(self, reference_model: nn.Module, example: torch.Tensor) -> list[Space]:
+        spaces = list(self.spaces) if self.spaces is not None else find_spaces(reference_model, example)
+        if self.self_check:
+            check_spaces(reference_model, example, spaces)
+        return spaces
+
+    @torch.no_grad()
+    def _accumulate(self, models, reference, loader, spaces, dtype):
+        """One pass over the data through every model, accumulating per-space statistics."""
+        statistics = [ReferenceCovariance(len(models), reference=reference) for _ in spaces]
+        taps_by_module = defaultdict(list)  # module path -> [(space index, tap)]
+        for index, space in enumerate(spaces):
+            for tap in space.taps:
+                taps_by_module[tap.module].append((index, tap))
+        n_seen = 0
+        batches = tqdm(iter_inputs(loader, self.device_, dtype), total=len(loader),
+                       desc="Alignment statistics", disable=not self.verbose, leave=False)
+        for inputs in batches:
+            captured = [_capture_inputs(model, taps_by_module.keys(), inputs) for model in models]
+            for module, entries in taps_by_module.items():
+                # A module called several times (shared weights) is observed at every call.
+                for call in range(len(captured[0][module])):
+                    for index, tap in entries:
+                        views = [tap.extract(by_module[module][call]) for by_module in captured]
+                        _check_finite(views, spaces[index], index)
+                        statistics[index].update(views)
+            del captured
+            n_seen += len(inputs)
+        if n_seen == 0:
+            raise ValueError("The alignment data X is empty.")
+        statistics = all_reduce_statistics(statistics)
+        return statistics, n_seen
+
+    def _solve(self, spaces, statistics, n_models, reference):
+        aligners = []
+        progress = tqdm(total=len(spaces) * (n_models - 1), desc="Solving",
+                        disable=not self.verbose, leave=False)
+        for space, stats in zip(spaces, statistics):
+            row = []
+            for k in range(n_models):
+                if k == reference:
+                    row.append(None)
+                    continue
+                row.append(self._fit_space(space, stats.pair(k)))
+                progress.update()
+            aligners.append(row)
+        progress.close()
+        return aligners
+
+    def _fit_space(self, space: Space, pair: CrossCovariance):
+        """Fit one clone of the aligner per block of the space."""
+        if not space.taps:
+            warnings.warn(f"Space {space.name!r} is never observed; it keeps each model's basis.",
+                          stacklevel=3)
+            return None
+        aligner = self._small_sample_safe(clone(self.aligner), space, pair.n_samples_)
+        if space.block_size == space.dim:
+            return aligner.fit_from_stats(pair)
+        return _BlockAligner(aligner, space.block_size).fit_from_stats(pair)
+
+    def _small_sample_safe(self, aligner, space: Space, n_samples: int):
+        # Same threshold as CCAAligner's own SmallSampleWarning; the merger names
+        # the space and regularizes instead of fitting a singular covariance.
+        if n_samples >= 2 * space.dim:
+            return aligner
+        message = (f"Space {space.name!r} has dimension {space.dim} but only {n_samples} "
+                   "samples were seen; its covariances are (nearly) singular.")
+        if aligner.get_params(deep=False).get("regularization", None) == 0:
+            warnings.warn(f"{message} Using regularization='auto' (OAS shrinkage) for it; pass "
+                          "more alignment data or set the aligner's regularization.",
+                          SmallSampleMergeWarning, stacklevel=4)
+            return aligner.set_params(regularization="auto")
+        warnings.warn(f"{message} Pass more alignment data.", SmallSampleMergeWarning, stacklevel=4)
+        return aligner
+
+    def _merged_state_dict(self, models, spaces, reference):
+        merged = None
+        for k, model in enumerate(models):
+            transforms = [_transform_of(row[k]) for row in self.aligners_]
+            state = apply_transforms(model.state_dict(), spaces, transforms)
+            weight = float(self.weights_[k])
+            if merged is None:
+                merged = {key: _scaled(value, weight) for key, value in state.items()}
+            else:
+                for key, value in state.items():
+                    if value.is_floating_point():
+                        merged[key] += weight * value
+        # Integer buffers (e.g. num_batches_tracked) come from the reference.
+        reference_state = models[reference].state_dict()
+        for key, value in reference_state.items():
+            if not value.is_floating_point():
+                merged[key] = value.clone()
+        return merged
+
+    @staticmethod
+    @torch.no_grad()
+    def _n_outputs(model, example) -> int:
+        output = model(example)
+        if not isinstance(output, torch.Tensor) or output.ndim < 2:
+            return 1
+        return int(output.shape[-1])
+
+    # --------------------------------------------------------------- inference
+    @torch.no_grad()
+    def decision_function(self, X) -> np.ndarray:
+        """Outputs (logits) of the merged model, as a numpy array.
+
+        Parameters
+        ----------
+        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
+            Inputs, or batches of ``(x, y)``.
+
+        Returns
+        -------
+        numpy.ndarray of shape (n_samples, n_outputs)
+        """
+        check_is_fitted(self, "merged_model_")
+        model = self.merged_model_
+        dtype = next(model.parameters()).dtype
+        loader = as_loader(X, self.batch_size)
+        outputs = [model(inputs).float().cpu() for inputs in iter_inputs(loader, self.device_, dtype)]
+        if not outputs:
+            raise ValueError("X is empty.")
+        return torch.cat(outputs).numpy()
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Softmax of the merged model's outputs.
+
+        Parameters
+        ----------
+        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
+
+        Returns
+        -------
+        numpy.ndarray of shape (n_samples, n_classes)
+        """
+        return torch.softmax(torch.from_numpy(self.decision_function(X)), dim=1).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """Class index with the largest output of the merged model.
+
+        Parameters
+        ----------
+        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
+
+        Returns
+        -------
+        numpy.ndarray of shape (n_samples,)
+        """
+        return self.classes_[self.decision_function(X).argmax(axis=1)]
+
+    def score(self, X, y=None, sample_weight=None) -> float:
+        """Accuracy of the merged model.
+
+        Parameters
+        ----------
+        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
+            Inputs, or a dataset/loader of ``(x, y)`` batches when ``y`` is None.
+        y : array-like of shape (n_samples,), optional
+            True labels; taken from the batches of ``X`` when None.
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        float
+        """
+        if y is None:
+            y = _labels_of(as_loader(X, self.batch_size))
+        return super().score(X, np.asarray(torch.as_tensor(y).cpu()), sample_weight=sample_weight)
+
+    # ------------------------------------------------------------- persistence
+    def __getstate__(self):
+        # Tensors and modules go to the CPU so that a merger saved on a GPU
+        # machine loads on a CPU-only one; __setstate__ moves them back.
+        state = self.__dict__.copy()
+        if "merged_model_" in state and _module_device(state["merged_model_"]).type != "cpu":
+            state["merged_model_"] = copy.deepcopy(state["merged_model_"]).cpu()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        device = getattr(self, "device_", None)
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            self.device_ = torch.device("cpu")
+        if hasattr(self, "merged_model_"):
+            self.merged_model_.to(self.device_)
+
+
+class _BlockAligner:
+    """Fit one aligner per diagonal block of a space (GroupNorm groups)."""
+
+    def __init__(self, aligner, block_size: int):
+        self.aligner = aligner
+        self.block_size = block_size
+
+    def fit_from_stats(self, pair: CrossCovariance):
+        d = pair.n_features_x
+        self.blocks_ = []
+        for start in range(0, d, self.block_size):
+            part = slice(start, start + self.block_size)
+            self.blocks_.append(clone(self.aligner).fit_from_stats(pair.select(part, part)))
+        self.mapping_ = torch.block_diag(*[torch.as_tensor(b.mapping_) for b in self.blocks_])
+        self.inverse_mapping_ = torch.block_diag(
+            *[torch.as_tensor(b.inverse_mapping_) for b in self.blocks_])
+        permutations = [getattr(b, "permutation_", None) for b in self.blocks_]
+        if all(p is not None for p in permutations):
+            self.permutation_ = torch.cat([
+                torch.as_tensor(p) + i * self.block_size for i, p in enumerate(permutations)])
+        return self
+
+    def __repr__(self):
+        return f"BlockAligner({self.aligner!r}, block_size={self.block_size})"
+
+
+def _transform_of(aligner):
+    """The transform that :func:`skmerge.graph.apply_transforms` applies for one fitted aligner."""
+    if aligner is None:
+        return None
+    permutation = getattr(aligner, "permutation_", None)
+    if permutation is not None:
+        permutation = torch.as_tensor(permutation)
+        if bool((permutation >= 0).all()):
+            return permutation.long()
+    return torch.as_tensor(aligner.mapping_), torch.as_tensor(aligner.inverse_mapping_)
+
+
+def _scaled(value: torch.Tensor, weight: float) -> torch.Tensor:
+    return weight * value if value.is_floating_point() else value.clone()
+
+
+def _capture_inputs(model: nn.Module, module_paths, inputs) -> dict:
+    """Run ``model`` on ``inputs``; return, per named module, the inputs of all its calls."""
+    captured = defaultdict(list)
+    handles = []
+    for path in module_paths:
+        def hook(_module, args, _path=path):
+            captured[_path].append(args[0].detach())
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = set(module_paths) - captured.keys()
+    if missing:
+        raise RuntimeError(f"Modules {sorted(missing)} were never called in the forward pass.")
+    return captured
+
+
+def _check_finite(views, space: Space, index: int) -> None:
+    for k, view in enumerate(views):
+        if not bool(torch.isfinite(view).all()):
+            raise ValueError(
+                f"Non-finite activations (NaN or inf) in space {index} ({space.name}) of model {k}; "
+                "check the model's weights and the input data."
+            )
+
+
+def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model itself when already on ``device``, else a copy there (inputs are never moved)."""
+    if _module_device(model) == device or (
+        device.type == "cuda" and _module_device(model).type == "cuda" and device.index is None
+    ):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _labels_of(loader) -> torch.Tensor:
+    labels = []
+    for batch in loader:
+        _, y = split_batch(batch)
+        if y is None:
+            raise ValueError("score needs labels: pass y, or X yielding (x, y) batches.")
+        labels.append(torch.as_tensor(y).cpu())
+    return torch.cat(labels)

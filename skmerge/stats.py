@@ -1,0 +1,632 @@
+"""Streaming first and second moments for feature alignment.
+
+The aligners and the model merger never need raw activations, only sample
+counts, means and *comoments* (sums of centered products). This module
+accumulates them batch by batch with the numerically stable pairwise update of
+Chan, Golub and LeVeque: every batch is centered on its own mean, and two
+partial results ``(n_a, mean_a, M_a)`` and ``(n_b, mean_b, M_b)`` combine as
+
+.. math::
+
+    n = n_a + n_b, \\quad
+    \\delta = \\bar x_b - \\bar x_a, \\quad
+    \\bar x = \\bar x_a + \\delta \\, n_b / n, \\quad
+    M = M_a + M_b + \\delta_x \\delta_y^\\top \\, n_a n_b / n .
+
+Unlike the textbook ``E[x x^T] - mu mu^T`` formula this does not lose all
+significant digits when the features have a large offset relative to their
+spread (post-ReLU activations, unnormalized inputs).
+
+Precision: every batch is converted to float64 *before* its mean is
+subtracted, so the only rounding error of a float32 input is the one already
+present in the float32 values themselves; all accumulation is in float64 on
+the device of the data.
+
+Two containers are provided:
+
+* :class:`CrossCovariance` -- two views ``X`` (n, p) and ``Y`` (n, q); what one
+  aligner needs.
+* :class:`ReferenceCovariance` -- ``n_views`` views against one reference view
+  (star shape, "all-to-one" merging); memory ``O(n_views * d^2)``, never the
+  joint ``(n_views * d)^2`` matrix. :meth:`ReferenceCovariance.pair` hands out
+  the :class:`CrossCovariance` of one view against the reference.
+
+Updates are *out of place*: ``update`` and ``merge`` bind new tensors instead
+of modifying the old ones, so a :class:`CrossCovariance` returned by
+:meth:`ReferenceCovariance.pair` (which shares the tensors, no copy) is a
+consistent snapshot that later updates of its parent never change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["CrossCovariance", "ReferenceCovariance"]
+
+
+# --------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------
+def _as_float64_tensor(data: Any, name: str, device: torch.device | None) -> torch.Tensor:
+    """Validate one 2-D batch and return it as a float64 tensor.
+
+    ``device`` is the device of the accumulated statistics (``None`` before the
+    first update). NumPy input is moved there; a tensor on another device is an
+    error, because silently copying a GPU batch to another device is almost
+    always a bug in the caller's data pipeline.
+    """
+    if isinstance(data, torch.Tensor):
+        if device is not None and data.device != device:
+            raise ValueError(
+                f"{name} is on device {data.device}, but the statistics are on "
+                f"{device}; move the batch or call .to() on the statistics first."
+            )
+        if data.is_complex():
+            raise ValueError(f"{name} is complex; only real-valued data is supported.")
+        tensor = data.detach().to(torch.float64)
+    else:
+        array = np.asarray(data)
+        if array.dtype == object or not (
+            np.issubdtype(array.dtype, np.number) or array.dtype == bool
+        ):
+            raise ValueError(f"{name} must be numeric, got dtype {array.dtype}.")
+        if np.iscomplexobj(array):
+            raise ValueError(f"{name} is complex; only real-valued data is supported.")
+        array = np.ascontiguousarray(array, dtype=np.float64)
+        if not array.flags.writeable:  # torch warns on read-only buffers
+            array = array.copy()
+        tensor = torch.from_numpy(array)
+        if device is not None:
+            tensor = tensor.to(device)
+    if tensor.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (n_samples, n_features), got shape {tuple(tensor.shape)}."
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or infinity.")
+    return tensor
+
+
+def _chan_merge(
+    n_a: int,
+    means_a: list[torch.Tensor],
+    moments_a: dict[tuple[int, int], torch.Tensor],
+    n_b: int,
+    means_b: list[torch.Tensor],
+    moments_b: dict[tuple[int, int], torch.Tensor],
+) -> tuple[int, list[torch.Tensor], dict[tuple[int, int], torch.Tensor]]:
+    """Chan et al.'s pairwise combination of two partial results.
+
+    ``means_*[i]`` is the mean of view ``i``; ``moments_*[(i, j)]`` is the
+    comoment (sum of centered products) of view ``i`` with view ``j``. Returns
+    new containers; the inputs are not modified.
+    """
+    if n_a == 0:
+        return n_b, list(means_b), dict(moments_b)
+    if n_b == 0:
+        return n_a, list(means_a), dict(moments_a)
+    n = n_a + n_b
+    deltas = [mb - ma for ma, mb in zip(means_a, means_b)]
+    means = [ma + d * (n_b / n) for ma, d in zip(means_a, deltas)]
+    factor = n_a * n_b / n
+    moments = {
+        (i, j): moments_a[i, j] + moments_b[i, j] + torch.outer(deltas[i], deltas[j]) * factor
+        for (i, j) in moments_a
+    }
+    return n, means, moments
+
+
+def _feature_index(features, n_features: int, device) -> torch.Tensor:
+    """A LongTensor of feature positions from a slice or a sequence of ints."""
+    if isinstance(features, slice):
+        return torch.arange(n_features, device=device)[features]
+    index = torch.as_tensor(features, dtype=torch.long, device=device).reshape(-1)
+    if index.numel() and (int(index.min()) < -n_features or int(index.max()) >= n_features):
+        raise IndexError(f"feature index out of range for {n_features} features.")
+    return index
+
+
+class _ComomentAccumulator:
+    """Means and selected pairwise comoments of several views.
+
+    Subclasses choose which ``(i, j)`` view pairs to keep (``_pairs``); the
+    streaming update, merging, device moves and pickling live here once.
+    """
+
+    _pairs: tuple[tuple[int, int], ...] = ()
+    _n_views: int = 0
+
+    def _reset(self) -> None:
+        self.n_samples_: int = 0
+        self._means: list[torch.Tensor] | None = None
+        self._moments: dict[tuple[int, int], torch.Tensor] | None = None
+
+    # -- accumulation -----------------------------------------------------
+    def _update_views(self, views: Sequence[Any], names: Sequence[str]) -> None:
+        if len(views) != self._n_views:
+            raise ValueError(f"Expected {self._n_views} views, got {len(views)}.")
+        device = self.device
+        tensors = [_as_float64_tensor(v, name, device) for v, name in zip(views, names)]
+        if device is None:
+            # The first batch fixes the device; all views must agree.
+            devices = {t.device for t in tensors}
+            if len(devices) > 1:
+                raise ValueError(f"All views must be on one device, got {sorted(map(str, devices))}.")
+        n_batch = tensors[0].shape[0]
+        for t, name in zip(tensors, names):
+            if t.shape[0] != n_batch:
+                raise ValueError(
+                    f"Inconsistent numbers of samples: {names[0]} has {n_batch}, "
+                    f"{name} has {t.shape[0]}."
+                )
+        if self._means is not None:
+            for t, mean, name in zip(tensors, self._means, names):
+                if t.shape[1] != mean.shape[0]:
+                    raise ValueError(
+                        f"{name} has {t.shape[1]} features, but earlier batches had "
+                        f"{mean.shape[0]}."
+                    )
+        if n_batch == 0:
+            means_b = [t.new_zeros(t.shape[1]) for t in tensors]
+        else:
+            means_b = [t.mean(dim=0) for t in tensors]
+        centered = [t - m for t, m in zip(tensors, means_b)]
+        moments_b = {(i, j): centered[i].T @ centered[j] for (i, j) in self._pairs}
+        if self._means is None:
+            # Establish shapes and device even for an empty first batch.
+            self.n_samples_, self._means, self._moments = n_batch, means_b, moments_b
+        else:
+            self.n_samples_, self._means, self._moments = _chan_merge(
+                self.n_samples_, self._means, self._moments, n_batch, means_b, moments_b
+            )
+
+    def _merged(self, other: "_ComomentAccumulator") -> "_ComomentAccumulator":
+        if type(other) is not type(self) or self._pairs != other._pairs:
+            raise TypeError(
+                f"Cannot merge {type(self).__name__} with {type(other).__name__}."
+            )
+        new = self._empty_like()
+        if self._means is None or other._means is None:
+            source = other if self._means is None else self
+            new.n_samples_ = source.n_samples_
+            new._means = None if source._means is None else list(source._means)
+            new._moments = None if source._moments is None else dict(source._moments)
+            return new
+        shapes_a = [m.shape[0] for m in self._means]
+        shapes_b = [m.shape[0] for m in other._means]
+        if shapes_a != shapes_b:
+            raise ValueError(f"Cannot merge statistics with feature counts {shapes_a} and {shapes_b}.")
+        if self.device != other.device:
+            raise ValueError(
+                f"Cannot merge statistics on {self.device} and {other.device}; use .to() first."
+            )
+        new.n_samples_, new._means, new._moments = _chan_merge(
+            self.n_samples_, self._means, self._moments,
+            other.n_samples_, other._means, other._moments,
+        )
+        return new
+
+    def _empty_like(self) -> "_ComomentAccumulator":
+        # Same configuration (views, reference), no data. Not copy.copy: that
+        # would go through __getstate__ and move tensors to the CPU.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._reset()
+        return new
+
+    def __copy__(self) -> "_ComomentAccumulator":
+        # Updates rebind containers instead of mutating them, so a shallow copy
+        # is an independent snapshot (and no tensor moves to the CPU, which the
+        # default copy protocol would do through __getstate__).
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    # -- common queries ---------------------------------------------------
+    @property
+    def device(self) -> torch.device | None:
+        """Device of the statistics (``None`` before the first update)."""
+        return None if self._means is None else self._means[0].device
+
+    def _check_fitted(self) -> None:
+        if self._means is None:
+            raise ValueError(f"This {type(self).__name__} has no data yet; call update() first.")
+
+    def _covariance(self, i: int, j: int, ddof: int) -> torch.Tensor:
+        self._check_fitted()
+        denominator = self.n_samples_ - ddof
+        if denominator <= 0:
+            raise ValueError(
+                f"Covariance with ddof={ddof} needs more than {ddof} samples, "
+                f"got n_samples={self.n_samples_}."
+            )
+        moment = self._moments[i, j] if (i, j) in self._moments else self._moments[j, i].T
+        return moment / denominator
+
+    def to(self, device: torch.device | str) -> "_ComomentAccumulator":
+        """Return the statistics on ``device`` (``self`` if already there).
+
+        Parameters
+        ----------
+        device : torch.device or str
+            Target device.
+
+        Returns
+        -------
+        stats : same type
+            ``self`` or a new object whose tensors live on ``device``.
+        """
+        device = torch.device(device)
+        if self._means is None or self.device == device:
+            return self
+        new = self._empty_like()
+        new.n_samples_ = self.n_samples_
+        new._means = [m.to(device) for m in self._means]
+        new._moments = {k: v.to(device) for k, v in self._moments.items()}
+        return new
+
+    def __add__(self, other: "_ComomentAccumulator") -> "_ComomentAccumulator":
+        return self.merge(other)
+
+    # -- pickling: always store CPU tensors so a GPU pickle loads anywhere --
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self._means is not None:
+            state["_means"] = [m.cpu() for m in self._means]
+            state["_moments"] = {k: v.cpu() for k, v in self._moments.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # Tensors stay on the CPU; owners (the aligners) move them back.
+        self.__dict__.update(state)
+
+
+# --------------------------------------------------------------------------
+# Public containers
+# --------------------------------------------------------------------------
+class CrossCovariance(_ComomentAccumulator):
+    """Streaming centered (co)variances of two views ``X`` (n, p) and ``Y`` (n, q).
+
+    The first call to :meth:`update` fixes the feature counts and the device;
+    everything is accumulated in float64 with Chan et al.'s pairwise update,
+    which stays accurate when features have large offsets.
+
+    Attributes
+    ----------
+    n_samples_ : int
+        Total number of samples seen.
+    mean_x_, mean_y_ : torch.Tensor of shape (p,) and (q,), float64
+        Running means (``None`` before the first update).
+    comoment_xx_, comoment_yy_, comoment_xy_ : torch.Tensor, float64
+        Sums of centered products, of shapes (p, p), (q, q) and (p, q).
+        Dividing by ``n_samples_ - ddof`` gives the covariances.
+
+    See Also
+    --------
+    ReferenceCovariance : Many views against one reference view.
+    skmerge.aligners.CCAAligner.fit_from_stats : Fit an aligner from these.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmerge.stats import CrossCovariance
+    >>> rng = np.random.default_rng(0)
+    >>> X, Y = rng.normal(size=(100, 3)), rng.normal(size=(100, 2))
+    >>> stats = CrossCovariance()
+    >>> for start in range(0, 100, 32):
+    ...     stats = stats.update(X[start:start + 32], Y[start:start + 32])
+    >>> stats.n_samples_
+    100
+    >>> np.allclose(stats.covariance_xy().numpy(), np.cov(X.T, Y.T)[:3, 3:])
+    True
+    """
+
+    _pairs = ((0, 0), (1, 1), (0, 1))
+    _n_views = 2
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def __repr__(self) -> str:
+        if self._means is None:
+            return "CrossCovariance(empty)"
+        return (
+            f"CrossCovariance(n_samples={self.n_samples_}, n_features_x={self.n_features_x}, "
+            f"n_features_y={self.n_features_y}, device={self.device})"
+        )
+
+    def update(self, X: Any, Y: Any) -> "CrossCovariance":
+        """Accumulate one batch.
+
+        Parameters
+        ----------
+        X : ndarray or torch.Tensor of shape (n_samples, p)
+            Batch of the first view.
+        Y : ndarray or torch.Tensor of shape (n_samples, q)
+            Batch of the second view, same rows.
+
+        Returns
+        -------
+        self : CrossCovariance
+            The updated statistics.
+
+        Raises
+        ------
+        ValueError
+            If a batch is not 2-D, the sample counts differ, a value is NaN or
+            infinite, the feature counts differ from earlier batches, or a
+            tensor is on another device than the statistics.
+        """
+        self._update_views((X, Y), ("X", "Y"))
+        return self
+
+    def merge(self, other: "CrossCovariance") -> "CrossCovariance":
+        """Combine with statistics of other samples (e.g. another data shard).
+
+        Parameters
+        ----------
+        other : CrossCovariance
+            Statistics of the same two views on other samples.
+
+        Returns
+        -------
+        merged : CrossCovariance
+            New object; neither input is modified. ``a + b`` is the same.
+        """
+        return self._merged(other)
+
+    # Named views of the internal storage.
+    @property
+    def mean_x_(self) -> torch.Tensor | None:
+        return None if self._means is None else self._means[0]
+
+    @property
+    def mean_y_(self) -> torch.Tensor | None:
+        return None if self._means is None else self._means[1]
+
+    @property
+    def comoment_xx_(self) -> torch.Tensor | None:
+        return None if self._moments is None else self._moments[0, 0]
+
+    @property
+    def comoment_yy_(self) -> torch.Tensor | None:
+        return None if self._moments is None else self._moments[1, 1]
+
+    @property
+    def comoment_xy_(self) -> torch.Tensor | None:
+        return None if self._moments is None else self._moments[0, 1]
+
+    @property
+    def n_features_x(self) -> int | None:
+        """Number of features of ``X`` (``None`` before the first update)."""
+        return None if self._means is None else int(self._means[0].shape[0])
+
+    @property
+    def n_features_y(self) -> int | None:
+        """Number of features of ``Y`` (``None`` before the first update)."""
+        return None if self._means is None else int(self._means[1].shape[0])
+
+    def select(self, x_features, y_features) -> "CrossCovariance":
+        """Statistics of a subset of the features of each view.
+
+        Parameters
+        ----------
+        x_features, y_features : slice, sequence of int or LongTensor
+            Features of ``X`` and of ``Y`` to keep.
+
+        Returns
+        -------
+        stats : CrossCovariance
+            New object over the same samples (``ModelMerger`` uses it to solve a
+            GroupNorm space group by group).
+        """
+        self._check_fitted()
+        ix = _feature_index(x_features, self.n_features_x, self.device)
+        iy = _feature_index(y_features, self.n_features_y, self.device)
+        new = self._empty_like()
+        new.n_samples_ = self.n_samples_
+        new._means = [self._means[0][ix], self._means[1][iy]]
+        new._moments = {
+            (0, 0): self._moments[0, 0][ix][:, ix],
+            (1, 1): self._moments[1, 1][iy][:, iy],
+            (0, 1): self._moments[0, 1][ix][:, iy],
+        }
+        return new
+
+    def covariance_xx(self, ddof: int = 1) -> torch.Tensor:
+        """Covariance of ``X``, shape (p, p), float64.
+
+        Parameters
+        ----------
+        ddof : int, default=1
+            Delta degrees of freedom; the divisor is ``n_samples_ - ddof``.
+
+        Returns
+        -------
+        cov : torch.Tensor of shape (p, p)
+        """
+        return self._covariance(0, 0, ddof)
+
+    def covariance_yy(self, ddof: int = 1) -> torch.Tensor:
+        """Covariance of ``Y``, shape (q, q), float64. See :meth:`covariance_xx`."""
+        return self._covariance(1, 1, ddof)
+
+    def covariance_xy(self, ddof: int = 1) -> torch.Tensor:
+        """Cross-covariance of ``X`` with ``Y``, shape (p, q), float64. See :meth:`covariance_xx`."""
+        return self._covariance(0, 1, ddof)
+
+
+class ReferenceCovariance(_ComomentAccumulator):
+    """Star-shaped streaming statistics of ``n_views`` views against a reference.
+
+    For all-to-one merging every model's features are aligned to one reference
+    model. This keeps, per view ``k``: its mean, its auto-comoment
+    ``(d_k, d_k)`` and its cross-comoment with the reference ``(d_k, d_ref)``;
+    the reference's auto-comoment is stored once. Memory is
+    ``O(n_views * d^2)``, never the joint ``(n_views * d)^2`` matrix.
+
+    Parameters
+    ----------
+    n_views : int
+        Number of views (models), including the reference. At least 1.
+    reference : int, default=0
+        Index of the reference view.
+
+    Attributes
+    ----------
+    n_samples_ : int
+        Total number of samples seen.
+    means_ : list of torch.Tensor
+        Per-view means, float64.
+    auto_comoments_ : list of torch.Tensor
+        Per-view sums of centered products with itself, shapes (d_k, d_k).
+    cross_comoments_ : list of torch.Tensor
+        Per-view sums of centered products with the reference, shapes
+        (d_k, d_ref); the reference's entry is its auto-comoment.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmerge.stats import ReferenceCovariance
+    >>> rng = np.random.default_rng(0)
+    >>> views = [rng.normal(size=(50, d)) for d in (4, 3, 5)]
+    >>> stats = ReferenceCovariance(n_views=3, reference=0).update(views)
+    >>> pair = stats.pair(2)        # view 2 (X) against the reference (Y)
+    >>> tuple(pair.covariance_xy().shape)
+    (5, 4)
+    """
+
+    def __init__(self, n_views: int, reference: int = 0) -> None:
+        if isinstance(n_views, bool) or not isinstance(n_views, (int, np.integer)) or n_views < 1:
+            raise ValueError(f"n_views must be a positive integer, got {n_views!r}.")
+        if (
+            isinstance(reference, bool)
+            or not isinstance(reference, (int, np.integer))
+            or not -n_views <= reference < n_views
+        ):
+            raise ValueError(f"reference must be an index in [0, {n_views}), got {reference!r}.")
+        self.n_views = int(n_views)
+        self.reference = int(reference) % self.n_views
+        self._n_views = self.n_views
+        self._reference = self.reference
+        ref = self.reference
+        self._pairs = tuple((k, k) for k in range(n_views)) + tuple(
+            (k, ref) for k in range(n_views) if k != ref
+        )
+        self._reset()
+
+    def __repr__(self) -> str:
+        if self._means is None:
+            return f"ReferenceCovariance(n_views={self.n_views}, reference={self.reference}, empty)"
+        return (
+            f"ReferenceCovariance(n_views={self.n_views}, reference={self.reference}, "
+            f"n_samples={self.n_samples_}, n_features={self.n_features_}, device={self.device})"
+        )
+
+    def update(self, views: Sequence[Any]) -> "ReferenceCovariance":
+        """Accumulate one batch per view.
+
+        Parameters
+        ----------
+        views : sequence of ndarray or torch.Tensor
+            ``n_views`` arrays of shapes (n_samples, d_k), same rows.
+
+        Returns
+        -------
+        self : ReferenceCovariance
+        """
+        if isinstance(views, (np.ndarray, torch.Tensor)) or not isinstance(views, Sequence):
+            raise ValueError("views must be a sequence (list or tuple) with one batch per view.")
+        self._update_views(views, [f"views[{k}]" for k in range(len(views))])
+        return self
+
+    def merge(self, other: "ReferenceCovariance") -> "ReferenceCovariance":
+        """Combine with statistics of other samples; returns a new object.
+
+        Parameters
+        ----------
+        other : ReferenceCovariance
+            Same ``n_views`` and ``reference``, other samples.
+
+        Returns
+        -------
+        merged : ReferenceCovariance
+        """
+        if isinstance(other, ReferenceCovariance) and (
+            other.n_views != self.n_views or other.reference != self.reference
+        ):
+            raise ValueError(
+                "Cannot merge ReferenceCovariance objects with different n_views/reference: "
+                f"({self.n_views}, {self.reference}) and ({other.n_views}, {other.reference})."
+            )
+        return self._merged(other)
+
+    @property
+    def n_features_(self) -> list[int] | None:
+        """Feature count of every view (``None`` before the first update)."""
+        return None if self._means is None else [int(m.shape[0]) for m in self._means]
+
+    @property
+    def means_(self) -> list[torch.Tensor] | None:
+        return None if self._means is None else list(self._means)
+
+    @property
+    def auto_comoments_(self) -> list[torch.Tensor] | None:
+        if self._moments is None:
+            return None
+        return [self._moments[k, k] for k in range(self.n_views)]
+
+    @property
+    def cross_comoments_(self) -> list[torch.Tensor] | None:
+        if self._moments is None:
+            return None
+        ref = self.reference
+        return [self._moments[k, ref] for k in range(self.n_views)]
+
+    def _view_index(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not -self.n_views <= k < self.n_views:
+            raise IndexError(f"view index must be in [0, {self.n_views}), got {k!r}.")
+        return int(k) % self.n_views
+
+    def pair(self, k: int) -> CrossCovariance:
+        """Statistics of view ``k`` (as ``X``) against the reference (as ``Y``).
+
+        The returned object shares the tensors (no copy) and is a snapshot:
+        later updates of ``self`` do not change it, and updating it does not
+        change ``self``.
+
+        Parameters
+        ----------
+        k : int
+            View index; ``k == reference`` gives the reference against itself.
+
+        Returns
+        -------
+        stats : CrossCovariance
+        """
+        k = self._view_index(k)
+        self._check_fitted()
+        ref = self.reference
+        cross = CrossCovariance()
+        cross.n_samples_ = self.n_samples_
+        cross._means = [self._means[k], self._means[ref]]
+        cross._moments = {
+            (0, 0): self._moments[k, k],
+            (1, 1): self._moments[ref, ref],
+            (0, 1): self._moments[k, ref],
+        }
+        return cross
+
+    def covariance(self, k: int, ddof: int = 1) -> torch.Tensor:
+        """Covariance of view ``k``, shape (d_k, d_k), float64."""
+        k = self._view_index(k)
+        return self._covariance(k, k, ddof)
+
+    def cross_covariance(self, k: int, ddof: int = 1) -> torch.Tensor:
+        """Cross-covariance of view ``k`` with the reference, shape (d_k, d_ref), float64."""
+        k = self._view_index(k)
+        return self._covariance(k, self.reference, ddof)

@@ -1,0 +1,311 @@
+"""ModelMerger: exactness on permuted copies, real merges, scikit-learn integration, errors."""
+
+import copy
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner
+from skmerge.batchnorm import reset_bn_stats
+from skmerge.graph import find_spaces, permute_model
+
+import _archs
+
+torch.set_num_threads(2)
+
+ARCHITECTURES = {
+    "mlp": _archs.MLP,
+    "vgg": _archs.VGGBN,
+    "resnet": _archs.CifarResNet,
+    "resnet18": _archs.ResNet18Like,
+    "cat": _archs.CatNet,
+    "norm": _archs.NormNet,
+}
+
+
+def _make(name, seed, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = ARCHITECTURES[name]().to(dtype)
+    _randomize_batchnorm(model, seed)
+    return model.eval()
+
+
+def _randomize_batchnorm(model, seed):
+    """Give BatchNorm layers non-trivial statistics, as a trained model has."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
+            module.weight.data.copy_(1 + 0.2 * torch.randn(shape, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(shape, generator=generator))
+
+
+def _inputs(name, n, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    shape = _archs.example_input(ARCHITECTURES[name]).shape[1:]
+    return torch.randn((n, *shape), generator=generator, dtype=dtype)
+
+
+def _outputs(model, inputs):
+    with torch.no_grad():
+        return model.eval()(inputs)
+
+
+def _state(model):
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _assert_same_state(before, model):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_permutation_aligner_undoes_a_random_permutation(name):
+    model = _make(name, seed=0)
+    inputs = _inputs(name, 96)
+    permuted, _ = permute_model(model, inputs[:2], seed=1)
+    merger = ModelMerger([model, permuted], PermutationAligner(), reset_bn=False, device="cpu")
+    merger.fit(inputs)
+    expected = _outputs(model, inputs)
+    # Units that are dead on the data may be matched to any other dead unit;
+    # the function on the data is reproduced exactly all the same.
+    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), expected, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cat", "resnet"])
+def test_cca_recovers_a_permuted_copy_when_activations_are_full_rank(name):
+    model = _make(name, seed=0)
+    inputs = _inputs(name, 600)
+    permuted, _ = permute_model(model, inputs[:2], seed=2)
+    merger = ModelMerger([model, permuted], CCAAligner(regularization=0), reset_bn=False, device="cpu")
+    merger.fit(inputs)
+    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("aligner", [CCAAligner(regularization=0.1), PermutationAligner()],
+                         ids=["cca", "permutation"])
+def test_merging_three_identical_models_returns_the_same_function(name, aligner):
+    inputs = _inputs(name, 64)
+    # BatchNorm statistics of the data, as in a trained model: units that are
+    # dead on the data (which CCA maps to zero) then stay dead after the reset.
+    model = reset_bn_stats(_make(name, seed=3), inputs, batch_size=64)
+    merger = ModelMerger([model, copy.deepcopy(model), copy.deepcopy(model)], aligner,
+                         batch_size=64, device="cpu").fit(inputs)
+    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_weights_select_one_model_in_the_reference_basis():
+    model = _make("resnet", seed=0)
+    other = _make("resnet", seed=1)
+    inputs = _inputs("resnet", 64)
+    only_reference = ModelMerger([model, other], CCAAligner(), weights=[1, 0], reset_bn=False,
+                                 device="cpu").fit(inputs)
+    torch.testing.assert_close(_outputs(only_reference.merged_model_, inputs), _outputs(model, inputs))
+    permuted, _ = permute_model(other, inputs[:2], seed=5)
+    only_other = ModelMerger([model, permuted], PermutationAligner(), weights=[0, 3], reset_bn=False,
+                             device="cpu").fit(inputs)
+    torch.testing.assert_close(_outputs(only_other.merged_model_, inputs), _outputs(other, inputs))
+
+
+def test_inputs_are_never_modified_and_modes_are_restored():
+    models = [_make("vgg", seed=s) for s in range(3)]
+    models[1].train()
+    before = [_state(m) for m in models]
+    merger = ModelMerger(models, CCAAligner(), device="cpu").fit(_inputs("vgg", 64))
+    for state, model in zip(before, models):
+        _assert_same_state(state, model)
+    assert [m.training for m in models] == [False, True, False]
+    assert merger.merged_model_ is not models[0]
+    assert not merger.merged_model_.training
+
+
+def test_merged_model_has_the_same_class_and_keys():
+    models = [_make("resnet18", seed=s) for s in range(2)]
+    merger = ModelMerger(models, device="cpu").fit(_inputs("resnet18", 32))
+    assert type(merger.merged_model_) is type(models[0])
+    assert merger.merged_model_.state_dict().keys() == models[0].state_dict().keys()
+    assert len(merger.aligners_) == len(merger.spaces_) == len(merger.statistics_)
+    assert all(row[0] is None and row[1] is not None for row in merger.aligners_)
+    assert set(merger.timings_) == {"statistics", "solve", "transform", "reset_bn", "total"}
+
+
+def test_reset_bn_matches_an_independent_reestimation():
+    models = [_make("vgg", seed=s, dtype=torch.float32) for s in range(2)]
+    inputs = _inputs("vgg", 100, dtype=torch.float32)
+    # One batch: the running statistics are then exactly those of all the data.
+    merger = ModelMerger(models, CCAAligner(), batch_size=100, device="cpu").fit(inputs)
+    no_reset = ModelMerger(models, CCAAligner(), reset_bn=False, device="cpu").fit(inputs)
+    # Independent: the exact mean and (biased) variance of each BN input over all the data.
+    model = no_reset.merged_model_
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    seen = []
+    handle = bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    _outputs(model, inputs)
+    handle.remove()
+    activations = seen[0].transpose(0, 1).reshape(bn.num_features, -1)
+    name = next(n for n, m in model.named_modules() if m is bn)
+    merged_bn = merger.merged_model_.get_submodule(name)
+    torch.testing.assert_close(merged_bn.running_mean, activations.mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged_bn.running_var, activations.var(1), rtol=1e-4, atol=1e-5)
+
+
+def test_data_forms_give_the_same_merge():
+    models = [_make("mlp", seed=s) for s in range(2)]
+    inputs = _inputs("mlp", 90)
+    labels = torch.zeros(90, dtype=torch.long)
+    forms = [inputs, inputs.numpy(), TensorDataset(inputs, labels),
+             DataLoader(TensorDataset(inputs), batch_size=17)]
+    merged = [ModelMerger(models, CCAAligner(), device="cpu", batch_size=32).fit(x).merged_model_
+              for x in forms]
+    for other in merged[1:]:
+        for key, value in merged[0].state_dict().items():
+            torch.testing.assert_close(other.state_dict()[key], value)
+
+
+def test_joblib_round_trip(tmp_path):
+    models = [_make("cat", seed=s) for s in range(2)]
+    inputs = _inputs("cat", 64)
+    merger = ModelMerger(models, CCAAligner(), device="cpu").fit(inputs)
+    path = tmp_path / "merger.joblib"
+    joblib.dump(merger, path)
+    loaded = joblib.load(path)
+    torch.testing.assert_close(_outputs(loaded.merged_model_, inputs), _outputs(merger.merged_model_, inputs))
+    np.testing.assert_allclose(loaded.predict_proba(inputs), merger.predict_proba(inputs))
+
+
+def test_clone_shares_the_source_models_and_clones_the_aligner():
+    models = [_make("mlp", seed=s) for s in range(2)]
+    merger = ModelMerger(models, CCAAligner(regularization=0.3))
+    cloned = clone(merger)
+    assert cloned.models is models
+    assert cloned.aligner is not merger.aligner
+    assert cloned.get_params()["aligner__regularization"] == 0.3
+    assert "aligner__regularization" in merger.get_params(deep=True)
+
+
+def test_manual_spaces_and_self_check():
+    model = _make("mlp", seed=0)
+    inputs = _inputs("mlp", 64)
+    spaces = find_spaces(model, inputs[:2])
+    permuted, _ = permute_model(model, spaces=spaces, seed=4)
+    merger = ModelMerger([model, permuted], PermutationAligner(), spaces=spaces, self_check=True,
+                         reset_bn=False, device="cpu").fit(inputs)
+    assert merger.spaces_ == spaces
+    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs))
+
+
+def test_small_samples_warn_and_regularize():
+    models = [_make("mlp", seed=s) for s in range(2)]
+    with pytest.warns(UserWarning, match="samples"):
+        merger = ModelMerger(models, CCAAligner(regularization=0), device="cpu").fit(_inputs("mlp", 5))
+    assert np.isfinite(merger.predict_proba(_inputs("mlp", 4))).all()
+
+
+def test_predict_and_score_use_the_merged_model():
+    models = [_make("mlp", seed=s) for s in range(2)]
+    inputs = _inputs("mlp", 50)
+    merger = ModelMerger(models, PermutationAligner(), device="cpu").fit(inputs)
+    logits = _outputs(merger.merged_model_, inputs)
+    np.testing.assert_array_equal(merger.predict(inputs), logits.argmax(1).numpy())
+    np.testing.assert_allclose(merger.predict_proba(inputs), torch.softmax(logits, 1).numpy(), rtol=1e-5)
+    labels = logits.argmax(1).numpy()
+    labels[:10] = (labels[:10] + 1) % logits.shape[1]
+    assert merger.score(inputs, labels) == pytest.approx(0.8)
+    assert merger.score(TensorDataset(inputs, torch.as_tensor(labels))) == pytest.approx(0.8)
+
+
+# ----------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors():
+    mlp = _make("mlp", seed=0)
+    inputs = _inputs("mlp", 20)
+    with pytest.raises(ValueError, match="at least 2 models"):
+        ModelMerger([mlp]).fit(inputs)
+    with pytest.raises(TypeError, match="list or tuple"):
+        ModelMerger(mlp).fit(inputs)
+    with pytest.raises(ValueError, match="one architecture"):
+        ModelMerger([mlp, _make("cat", seed=0)]).fit(inputs)
+    wider = nn.Sequential(nn.Flatten(), nn.Linear(inputs[0].numel(), 7))
+    narrower = nn.Sequential(nn.Flatten(), nn.Linear(inputs[0].numel(), 5))
+    with pytest.raises(ValueError, match="shape"):
+        ModelMerger([wider, narrower]).fit(inputs.float())
+    with pytest.raises(ValueError, match="reference=2"):
+        ModelMerger([mlp, mlp], reference=2).fit(inputs)
+    with pytest.raises(ValueError, match="one entry per model"):
+        ModelMerger([mlp, mlp], weights=[1, 2, 3]).fit(inputs)
+    with pytest.raises(ValueError, match="sum to a positive"):
+        ModelMerger([mlp, mlp], weights=[0, 0]).fit(inputs)
+    with pytest.raises(ValueError, match="non-negative"):
+        ModelMerger([mlp, mlp], weights=[2, -1]).fit(inputs)
+    with pytest.raises(ValueError, match="empty"):
+        ModelMerger([mlp, mlp], device="cpu").fit(inputs[:0])
+    broken = copy.deepcopy(mlp)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="Non-finite activations .* space 0"):
+        ModelMerger([mlp, broken], device="cpu").fit(inputs)
+    with pytest.raises(TypeError, match="fit_from_stats"):
+        ModelMerger([mlp, mlp], aligner=object()).fit(inputs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ModelMerger([mlp, mlp], device="cuda").fit(inputs)
+
+
+# ------------------------------------------------------ scikit-learn integration
+def _digits_models(n_models, epochs=40):
+    from skmerge.datasets import load_digits
+    from skmerge.models import get_model
+    from skmerge.training import train_model
+
+    train = load_digits("train")
+    models = []
+    for seed in range(n_models):
+        torch.manual_seed(seed)
+        model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
+        models.append(train_model(model, train, epochs=epochs, seed=seed))
+    return models, train, load_digits("test")
+
+
+@pytest.fixture(scope="module")
+def digits_models():
+    return _digits_models(4)
+
+
+def test_grid_search_over_the_aligner_regularization(digits_models):
+    models, train, test = digits_models
+    inputs, labels = train.tensors
+    search = GridSearchCV(ModelMerger(models[:2], CCAAligner(), device="cpu"),
+                          {"aligner__regularization": [0.0, 0.1, 0.5]}, cv=2)
+    search.fit(inputs.numpy(), labels.numpy())
+    assert search.best_params_["aligner__regularization"] in (0.0, 0.1, 0.5)
+    assert search.best_estimator_.score(*test.tensors) > 0.5
+    assert search.best_estimator_.models is models[:2] or search.best_estimator_.models == models[:2]
+
+
+def test_real_merge_on_digits_beats_plain_averaging(digits_models):
+    models, train, test = digits_models
+    inputs, _ = train.tensors
+    accuracy = {}
+    for n_models in (2, 4):
+        for name, aligner in [("identity", IdentityAligner()), ("permutation", PermutationAligner()),
+                              ("cca", CCAAligner())]:
+            merger = ModelMerger(models[:n_models], aligner, device="cpu").fit(inputs)
+            accuracy[name, n_models] = merger.score(*test.tensors)
+    for n_models in (2, 4):
+        assert accuracy["permutation", n_models] > accuracy["identity", n_models] + 0.05, accuracy
+        assert accuracy["cca", n_models] > accuracy["identity", n_models] + 0.05, accuracy
+    assert accuracy["cca", 4] >= accuracy["permutation", 4], accuracy
