@@ -200,16 +200,7 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
     def _validated_weights(self, n_models: int) -> np.ndarray:
         if self.weights is None:
             return np.full(n_models, 1.0 / n_models)
-        weights = np.asarray(self.weights, dtype=float)
-        if weights.shape != (n_models,):
-            raise ValueError(
-                f"weights must have one entry per model ({n_models}), got shape {weights.shape}."
-            )
-        if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
-            raise ValueError(
-                f"weights must be finite, non-negative and sum to a positive value, got {weights}."
-            )
-        return weights / weights.sum()
+        return _normalized_weights(self.weights, n_models)
 
     def _resolved_device(self) -> torch.device:
         if isinstance(self.device, str) and self.device == "auto":
@@ -268,7 +259,8 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
             self.timings_["solve"] = time.perf_counter() - tick
 
             tick = time.perf_counter()
-            merged = self._merged_state_dict(working, spaces, reference)
+            self.spaces_ = spaces
+            merged = self._averaged_state(working, self.weights_, reference)
         finally:
             for model, mode in zip(models, modes):
                 model.train(mode)
@@ -284,7 +276,6 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
         self.timings_["total"] = time.perf_counter() - start
 
         self.merged_model_ = merged_model
-        self.spaces_ = spaces
         self.statistics_ = statistics
         self.n_samples_seen_ = n_seen
         self.classes_ = np.arange(self._n_outputs(merged_model, example))
@@ -376,12 +367,17 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
         warnings.warn(f"{message} Pass more alignment data.", SmallSampleMergeWarning, stacklevel=4)
         return aligner
 
-    def _merged_state_dict(self, models, spaces, reference):
-        merged = None
+    def _aligned_states(self, models):
+        """Yield each model's state_dict expressed in the reference's feature basis."""
         for k, model in enumerate(models):
+            state = {key: value.to(self.device_) for key, value in model.state_dict().items()}
             transforms = [_transform_of(row[k]) for row in self.aligners_]
-            state = apply_transforms(model.state_dict(), spaces, transforms)
-            weight = float(self.weights_[k])
+            yield apply_transforms(state, self.spaces_, transforms)
+
+    def _averaged_state(self, models, weights, reference: int) -> dict:
+        merged = None
+        for weight, state in zip(weights, self._aligned_states(models)):
+            weight = float(weight)
             if merged is None:
                 merged = {key: _scaled(value, weight) for key, value in state.items()}
             else:
@@ -389,11 +385,56 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
                     if value.is_floating_point():
                         merged[key] += weight * value
         # Integer buffers (e.g. num_batches_tracked) come from the reference.
-        reference_state = models[reference].state_dict()
-        for key, value in reference_state.items():
+        for key, value in models[reference].state_dict().items():
             if not value.is_floating_point():
-                merged[key] = value.clone()
+                merged[key] = value.to(self.device_, copy=True)
         return merged
+
+    def aligned_state_dicts(self) -> list[dict]:
+        """Each source model's ``state_dict`` expressed in the reference's feature basis.
+
+        The averaged ``merged_model_`` is their weighted mean; interpolating
+        between two of them traces the linear path *after* alignment.
+
+        Returns
+        -------
+        list of dict
+            One new ``state_dict`` per model, on ``device_`` (the reference's
+            is a copy of its own).
+        """
+        check_is_fitted(self, "merged_model_")
+        return list(self._aligned_states(self._validated_models()))
+
+    def merge_with_weights(self, weights, X=None) -> nn.Module:
+        """Build a merged model from the fitted alignment with other averaging weights.
+
+        Reuses the fitted aligners (no new pass for statistics), so sweeping
+        weights, e.g. along the interpolation path between two models, costs
+        one weight transform (and one BatchNorm pass) per point.
+
+        Parameters
+        ----------
+        weights : array-like of shape (n_models,)
+            Non-negative averaging weights, normalized to sum to one.
+        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader, optional
+            Data to re-estimate the BatchNorm statistics on (when the model has
+            BatchNorm and ``reset_bn`` is True); the averaged statistics are
+            kept when None.
+
+        Returns
+        -------
+        torch.nn.Module
+            A new model in evaluation mode on ``device_``.
+        """
+        check_is_fitted(self, "merged_model_")
+        models = self._validated_models()
+        weights = _normalized_weights(weights, len(models))
+        state = self._averaged_state(models, weights, self._validated_reference(len(models)))
+        model = copy.deepcopy(self.merged_model_)
+        model.load_state_dict(state)
+        if X is not None and self.reset_bn and has_batchnorm(model):
+            reset_bn_stats(model, X, batch_size=self.batch_size, device=self.device_)
+        return model.eval()
 
     @staticmethod
     @torch.no_grad()
@@ -525,6 +566,19 @@ def _transform_of(aligner):
         if bool((permutation >= 0).all()):
             return permutation.long()
     return torch.as_tensor(aligner.mapping_), torch.as_tensor(aligner.inverse_mapping_)
+
+
+def _normalized_weights(weights, n_models: int) -> np.ndarray:
+    weights = np.asarray(weights, dtype=float)
+    if weights.shape != (n_models,):
+        raise ValueError(
+            f"weights must have one entry per model ({n_models}), got shape {weights.shape}."
+        )
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(
+            f"weights must be finite, non-negative and sum to a positive value, got {weights}."
+        )
+    return weights / weights.sum()
 
 
 def _scaled(value: torch.Tensor, weight: float) -> torch.Tensor:

@@ -122,6 +122,29 @@ def test_weights_select_one_model_in_the_reference_basis():
     torch.testing.assert_close(_outputs(only_other.merged_model_, inputs), _outputs(other, inputs))
 
 
+def test_merge_with_weights_and_aligned_state_dicts_reuse_the_alignment():
+    model = _make("vgg", seed=0)
+    other = _make("vgg", seed=1)
+    inputs = _inputs("vgg", 64)
+    permuted, _ = permute_model(other, inputs[:2], seed=3)
+    merger = ModelMerger([model, permuted], PermutationAligner(), reset_bn=False, device="cpu").fit(inputs)
+    same = merger.merge_with_weights([0.5, 0.5])
+    for key, value in merger.merged_model_.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[key], value)
+    aligned = merger.aligned_state_dicts()
+    for key, value in merger.merged_model_.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close((aligned[0][key] + aligned[1][key]) / 2, value)
+    # The end points of the interpolation path are the two models' functions.
+    torch.testing.assert_close(_outputs(merger.merge_with_weights([1, 0]), inputs), _outputs(model, inputs))
+    torch.testing.assert_close(_outputs(merger.merge_with_weights([0, 1]), inputs), _outputs(other, inputs))
+    with pytest.raises(ValueError, match="one entry per model"):
+        merger.merge_with_weights([1.0])
+    calibrated = ModelMerger([model, permuted], PermutationAligner(), device="cpu").fit(inputs)
+    via_weights = calibrated.merge_with_weights([0.5, 0.5], X=inputs)
+    torch.testing.assert_close(_outputs(via_weights, inputs), _outputs(calibrated.merged_model_, inputs))
+
+
 def test_inputs_are_never_modified_and_modes_are_restored():
     models = [_make("vgg", seed=s) for s in range(3)]
     models[1].train()
