@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import scipy.sparse as sp
 import torch
+from sklearn.utils import check_array
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
@@ -31,23 +33,39 @@ def as_loader(X, batch_size: int, y=None) -> DataLoader:
         return X
     if isinstance(X, Dataset):
         return DataLoader(X, batch_size=batch_size, shuffle=False)
-    if isinstance(X, (np.ndarray, torch.Tensor)) or hasattr(X, "__array__"):
-        inputs = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
-        if inputs.ndim == 0:
-            raise ValueError("X must have a first axis of samples; got a scalar.")
-        tensors = [inputs]
-        if y is not None:
-            labels = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
-            if len(labels) != len(inputs):
-                raise ValueError(
-                    f"X and y have different numbers of samples: {len(inputs)} and {len(labels)}."
-                )
-            tensors.append(labels)
-        return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=False)
-    raise TypeError(
-        "X must be a torch.Tensor, a numpy array, a torch Dataset or a DataLoader; "
-        f"got {type(X).__name__}."
-    )
+    if isinstance(X, torch.Tensor):
+        inputs = _checked_tensor(X)
+    elif isinstance(X, (np.ndarray, list, tuple)) or hasattr(X, "__array__") or sp.issparse(X):
+        # scikit-learn's validation: sparse, complex, object, non-finite and
+        # empty inputs get its standard messages.
+        inputs = torch.as_tensor(check_array(X, allow_nd=True, dtype="numeric", input_name="X"))
+    else:
+        raise TypeError(
+            "X must be a torch.Tensor, a numpy array, a torch Dataset or a DataLoader; "
+            f"got {type(X).__name__}."
+        )
+    tensors = [inputs]
+    if y is not None:
+        labels = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+        if len(labels) != len(inputs):
+            raise ValueError(
+                f"X and y have different numbers of samples: {len(inputs)} and {len(labels)}."
+            )
+        tensors.append(labels)
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=False)
+
+
+def _checked_tensor(X: torch.Tensor) -> torch.Tensor:
+    if X.ndim < 2:
+        raise ValueError(
+            f"X must have at least 2 dimensions (n_samples, ...), got shape {tuple(X.shape)}; "
+            "reshape a single feature with X.reshape(-1, 1)."
+        )
+    if X.is_complex():
+        raise ValueError("Complex data not supported.")
+    if X.is_floating_point() and not bool(torch.isfinite(X).all()):
+        raise ValueError("X contains NaN or infinity.")
+    return X
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,6 +84,8 @@ def iter_inputs(loader: DataLoader, device: torch.device, dtype: torch.dtype) ->
     for batch in loader:
         inputs, _ = split_batch(batch)
         inputs = torch.as_tensor(inputs)
+        if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+            raise ValueError("The input data contains NaN or infinity.")
         if inputs.is_floating_point():
             inputs = inputs.to(device=device, dtype=dtype)
         else:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, clone
+from sklearn.metrics import accuracy_score
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,7 +31,7 @@ class SmallSampleMergeWarning(UserWarning):
     """Too few alignment samples for a feature space's dimension."""
 
 
-class ModelMerger(ClassifierMixin, BaseEstimator):
+class ModelMerger(BaseEstimator):
     """Merge several networks of one architecture into one network.
 
     Every *feature space* of the architecture (a set of channels that must share
@@ -90,6 +91,8 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
         ``arange(n_outputs)``: class indices predicted by ``predict``.
     n_samples_seen_ : int
         Number of alignment inputs.
+    n_features_in_ : int
+        Number of input features, set when ``X`` is a 2-D array or tensor.
     device_ : torch.device
         Device used.
     timings_ : dict
@@ -147,7 +150,8 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.non_deterministic = False
+        # Labels are optional: alignment is unsupervised, score() uses them.
+        tags.target_tags.required = False
         tags.input_tags.three_d_array = True
         return tags
 
@@ -278,6 +282,8 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
         self.merged_model_ = merged_model
         self.statistics_ = statistics
         self.n_samples_seen_ = n_seen
+        if isinstance(X, (torch.Tensor, np.ndarray)) and X.ndim == 2:
+            self.n_features_in_ = int(X.shape[1])
         self.classes_ = np.arange(self._n_outputs(merged_model, example))
         return self
 
@@ -446,7 +452,7 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
 
     # --------------------------------------------------------------- inference
     @torch.no_grad()
-    def decision_function(self, X) -> np.ndarray:
+    def predict_logits(self, X) -> np.ndarray:
         """Outputs (logits) of the merged model, as a numpy array.
 
         Parameters
@@ -462,6 +468,10 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
         model = self.merged_model_
         dtype = next(model.parameters()).dtype
         loader = as_loader(X, self.batch_size)
+        n_features = getattr(self, "n_features_in_", None)
+        if n_features is not None and isinstance(X, (torch.Tensor, np.ndarray)) and X.shape[1] != n_features:
+            raise ValueError(f"X has {X.shape[1]} features, but ModelMerger is expecting "
+                             f"{n_features} features as input.")
         outputs = [model(inputs).float().cpu() for inputs in iter_inputs(loader, self.device_, dtype)]
         if not outputs:
             raise ValueError("X is empty.")
@@ -478,7 +488,7 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
         -------
         numpy.ndarray of shape (n_samples, n_classes)
         """
-        return torch.softmax(torch.from_numpy(self.decision_function(X)), dim=1).numpy()
+        return torch.softmax(torch.from_numpy(self.predict_logits(X)), dim=1).numpy()
 
     def predict(self, X) -> np.ndarray:
         """Class index with the largest output of the merged model.
@@ -491,7 +501,8 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
         -------
         numpy.ndarray of shape (n_samples,)
         """
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        logits = self.predict_logits(X)
+        return self.classes_[logits.argmax(axis=1)]
 
     def score(self, X, y=None, sample_weight=None) -> float:
         """Accuracy of the merged model.
@@ -510,7 +521,8 @@ class ModelMerger(ClassifierMixin, BaseEstimator):
         """
         if y is None:
             y = _labels_of(as_loader(X, self.batch_size))
-        return super().score(X, np.asarray(torch.as_tensor(y).cpu()), sample_weight=sample_weight)
+        return float(accuracy_score(np.asarray(torch.as_tensor(y).cpu()), self.predict(X),
+                                    sample_weight=sample_weight))
 
     # ------------------------------------------------------------- persistence
     def __getstate__(self):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
+from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -332,3 +333,47 @@ def test_real_merge_on_digits_beats_plain_averaging(digits_models):
         assert accuracy["permutation", n_models] > accuracy["identity", n_models] + 0.05, accuracy
         assert accuracy["cca", n_models] > accuracy["identity", n_models] + 0.05, accuracy
     assert accuracy["cca", 4] >= accuracy["permutation", 4], accuracy
+
+
+# ------------------------------------------------------ scikit-learn's own checks
+class _AnyWidthNet(nn.Module):
+    """A fixture model that accepts any number of input features (and integer inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool1d(4)
+        self.fc1 = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.pool(x.to(torch.float32).reshape(x.shape[0], 1, -1)).flatten(1)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _fixture_models():
+    torch.manual_seed(0)
+    return [_AnyWidthNet(), _AnyWidthNet()]
+
+
+_EXPECTED_FAILED_CHECKS = {
+    "check_estimators_overwrite_params": (
+        "the check hashes every parameter with joblib.hash; torch modules (the models) "
+        "do not hash deterministically, although fit never modifies them (tested above)"
+    ),
+    "check_parameters_default_constructible": (
+        "the default aligner is an estimator instance, CCAAligner(), so that aligner__* "
+        "parameters can be tuned without naming the aligner; it is cloned, never modified"
+    ),
+}
+
+
+@parametrize_with_checks(
+    [ModelMerger(_fixture_models(), CCAAligner(), device="cpu"),
+     ModelMerger(_fixture_models(), PermutationAligner(), device="cpu")],
+    expected_failed_checks=lambda estimator: _EXPECTED_FAILED_CHECKS,
+)
+def test_sklearn_estimator_checks(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        check(estimator)
