@@ -12,6 +12,8 @@ _LAZY = {
     "IdentityAligner": "skmerge.aligners",
     "PermutationAligner": "skmerge.aligners",
     "CCAAligner": "skmerge.aligners",
+    "ProcrustesAligner": "skmerge.aligners",
+    "OptimalTransportAligner": "skmerge.aligners",
     "CrossCovariance": "skmerge.stats",
     "ReferenceCovariance": "skmerge.stats",
     "ModelMerger": "skmerge.merge",

@@ -86,17 +86,30 @@ def reset_bn_stats(
 
 
 def _average_over_ranks(layers) -> None:
-    """Under torch.distributed, make every rank hold the average over all ranks' batches."""
+    """Under torch.distributed, make every rank hold the average over all ranks' batches.
+
+    With ``momentum=None`` every layer holds the mean of its per-batch
+    statistics and ``num_batches_tracked`` counts the batches, so the
+    batch-count-weighted mean over ranks is exactly what one process would
+    compute on all the batches. One float64 all-reduce for all layers; every
+    rank ends with identical buffers. A rank without batches contributes zero.
+    """
     if not is_distributed():
         return
-    import torch.distributed as dist
+    from ._distributed import all_reduce_sum_
 
+    pieces = []
     for layer in layers:
-        batches = layer.num_batches_tracked.to(layer.running_mean)
-        packed = torch.cat([layer.running_mean * batches, layer.running_var * batches, batches.reshape(1)])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        n = layer.num_features
-        total = packed[-1]
-        layer.running_mean.copy_(packed[:n] / total)
-        layer.running_var.copy_(packed[n:2 * n] / total)
+        batches = layer.num_batches_tracked.to(torch.float64)
+        pieces += [layer.running_mean.to(torch.float64) * batches,
+                   layer.running_var.to(torch.float64) * batches, batches.reshape(1)]
+    packed = all_reduce_sum_(torch.cat([p.to(pieces[0].device) for p in pieces]))
+    offset = 0
+    for layer in layers:
+        n = layer.running_mean.numel()
+        total = packed[offset + 2 * n]
+        if total > 0:
+            layer.running_mean.copy_(packed[offset:offset + n] / total)
+            layer.running_var.copy_(packed[offset + n:offset + 2 * n] / total)
         layer.num_batches_tracked.fill_(int(total.item()))
+        offset += 2 * n + 1

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._batches import as_loader, iter_inputs, split_batch
-from ._distributed import all_reduce_statistics
+from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
 from .aligners import CCAAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
 from .graph import Space, apply_transforms, check_spaces, find_spaces
@@ -275,7 +275,7 @@ class ModelMerger(BaseEstimator):
 
         tick = time.perf_counter()
         if self.reset_bn and has_batchnorm(merged_model):
-            reset_bn_stats(merged_model, loader, device=self.device_, verbose=self.verbose)
+            reset_bn_stats(merged_model, loader, device=self.device_, verbose=self._show_progress())
         self.timings_["reset_bn"] = time.perf_counter() - tick
         self.timings_["total"] = time.perf_counter() - start
 
@@ -286,6 +286,10 @@ class ModelMerger(BaseEstimator):
             self.n_features_in_ = int(X.shape[1])
         self.classes_ = np.arange(self._n_outputs(merged_model, example))
         return self
+
+    def _show_progress(self) -> bool:
+        # Under torch.distributed only rank 0 draws progress bars.
+        return bool(self.verbose) and (not is_distributed() or torch.distributed.get_rank() == 0)
 
     def _example_input(self, loader) -> torch.Tensor:
         try:
@@ -314,7 +318,7 @@ class ModelMerger(BaseEstimator):
                 taps_by_module[tap.module].append((index, tap))
         n_seen = 0
         batches = tqdm(iter_inputs(loader, self.device_, dtype), total=len(loader),
-                       desc="Alignment statistics", disable=not self.verbose, leave=False)
+                       desc="Alignment statistics", disable=not self._show_progress(), leave=False)
         for inputs in batches:
             captured = [_capture_inputs(model, taps_by_module.keys(), inputs) for model in models]
             for module, entries in taps_by_module.items():
@@ -329,12 +333,15 @@ class ModelMerger(BaseEstimator):
         if n_seen == 0:
             raise ValueError("The alignment data X is empty.")
         statistics = all_reduce_statistics(statistics)
+        if is_distributed():
+            n_seen = int(all_reduce_sum_(torch.tensor([n_seen], dtype=torch.int64,
+                                                      device=self.device_)).item())
         return statistics, n_seen
 
     def _solve(self, spaces, statistics, n_models, reference):
         aligners = []
         progress = tqdm(total=len(spaces) * (n_models - 1), desc="Solving",
-                        disable=not self.verbose, leave=False)
+                        disable=not self._show_progress(), leave=False)
         for space, stats in zip(spaces, statistics):
             row = []
             for k in range(n_models):
@@ -526,11 +533,17 @@ class ModelMerger(BaseEstimator):
 
     # ------------------------------------------------------------- persistence
     def __getstate__(self):
-        # Tensors and modules go to the CPU so that a merger saved on a GPU
-        # machine loads on a CPU-only one; __setstate__ moves them back.
+        # Modules go to the CPU so that a merger saved on a GPU machine loads on
+        # a CPU-only one (aligners and statistics move their own tensors);
+        # __setstate__ moves the merged model back to its device when it can.
         state = self.__dict__.copy()
-        if "merged_model_" in state and _module_device(state["merged_model_"]).type != "cpu":
-            state["merged_model_"] = copy.deepcopy(state["merged_model_"]).cpu()
+        if "merged_model_" in state:
+            state["merged_model_"] = _on_cpu(state["merged_model_"])
+        models = state.get("models")
+        if isinstance(models, (list, tuple)) and any(
+            isinstance(m, nn.Module) and _module_device(m).type != "cpu" for m in models
+        ):
+            state["models"] = type(models)(_on_cpu(m) for m in models)
         return state
 
     def __setstate__(self, state):
@@ -551,18 +564,27 @@ class _BlockAligner:
 
     def fit_from_stats(self, pair: CrossCovariance):
         d = pair.n_features_x
-        self.blocks_ = []
-        for start in range(0, d, self.block_size):
-            part = slice(start, start + self.block_size)
-            self.blocks_.append(clone(self.aligner).fit_from_stats(pair.select(part, part)))
-        self.mapping_ = torch.block_diag(*[torch.as_tensor(b.mapping_) for b in self.blocks_])
-        self.inverse_mapping_ = torch.block_diag(
-            *[torch.as_tensor(b.inverse_mapping_) for b in self.blocks_])
-        permutations = [getattr(b, "permutation_", None) for b in self.blocks_]
-        if all(p is not None for p in permutations):
-            self.permutation_ = torch.cat([
-                torch.as_tensor(p) + i * self.block_size for i, p in enumerate(permutations)])
+        self.blocks_ = [
+            clone(self.aligner).fit_from_stats(pair.select(part, part))
+            for part in (slice(start, start + self.block_size) for start in range(0, d, self.block_size))
+        ]
         return self
+
+    # Derived from the blocks (which pickle their tensors to the CPU themselves).
+    @property
+    def mapping_(self) -> torch.Tensor:
+        return torch.block_diag(*[torch.as_tensor(b.mapping_) for b in self.blocks_])
+
+    @property
+    def inverse_mapping_(self) -> torch.Tensor:
+        return torch.block_diag(*[torch.as_tensor(b.inverse_mapping_) for b in self.blocks_])
+
+    @property
+    def permutation_(self) -> torch.Tensor | None:
+        permutations = [getattr(b, "permutation_", None) for b in self.blocks_]
+        if any(p is None for p in permutations):
+            return None
+        return torch.cat([torch.as_tensor(p) + i * self.block_size for i, p in enumerate(permutations)])
 
     def __repr__(self):
         return f"BlockAligner({self.aligner!r}, block_size={self.block_size})"
@@ -632,6 +654,10 @@ def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
     ):
         return model
     return copy.deepcopy(model).to(device)
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    return model if _module_device(model).type == "cpu" else copy.deepcopy(model).cpu()
 
 
 def _module_device(model: nn.Module) -> torch.device:

@@ -11,12 +11,16 @@ Direction convention, everywhere in skmerge::
 from skmerge.aligners._base import BaseAligner, SmallSampleWarning
 from skmerge.aligners._cca import CCAAligner
 from skmerge.aligners._identity import IdentityAligner
+from skmerge.aligners._optimal_transport import OptimalTransportAligner
 from skmerge.aligners._permutation import PermutationAligner
+from skmerge.aligners._procrustes import ProcrustesAligner
 
 __all__ = [
     "BaseAligner",
     "CCAAligner",
     "IdentityAligner",
+    "OptimalTransportAligner",
     "PermutationAligner",
+    "ProcrustesAligner",
     "SmallSampleWarning",
 ]
