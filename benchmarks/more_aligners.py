@@ -44,7 +44,7 @@ OUTPUT = os.path.join(ROOT, "docs", "_generated", "more_aligners.txt")
 ALIGNERS = [
     ("IdentityAligner()", IdentityAligner()),
     ("PermutationAligner()", PermutationAligner()),
-    ('CCAAligner()  [regularization="auto"]', CCAAligner()),
+    ("CCAAligner()  [regularization=0.3]", CCAAligner()),
     ("ProcrustesAligner()", ProcrustesAligner()),
     ("ProcrustesAligner(scale=False)", ProcrustesAligner(scale=False)),
     ('OptimalTransportAligner(reg="exact")', OptimalTransportAligner(reg="exact")),

@@ -17,6 +17,8 @@ _LAZY = {
     "CrossCovariance": "skmerge.stats",
     "ReferenceCovariance": "skmerge.stats",
     "ModelMerger": "skmerge.merge",
+    "WeightMatchingMerger": "skmerge.weight_matching",
+    "hierarchical_merge": "skmerge.hierarchical",
     "find_spaces": "skmerge.graph",
     "permute_model": "skmerge.graph",
 }

@@ -234,36 +234,32 @@ class ModelMerger(BaseEstimator):
         -------
         self : ModelMerger
         """
+        return self._fit(X)
+
+    def _fit(self, X):
+        """Shared by the mergers: align (the ``_fit_aligners`` step), average, reset BatchNorm."""
         start = time.perf_counter()
         models = self._validated_models()
         n_models = len(models)
         reference = self._validated_reference(n_models)
         self.weights_ = self._validated_weights(n_models)
-        if not hasattr(self.aligner, "fit_from_stats"):
-            raise TypeError(
-                f"aligner must be a skmerge aligner with fit_from_stats, got {type(self.aligner).__name__}."
-            )
+        self._check_method_params()
         self.device_ = self._resolved_device()
-        loader = as_loader(X, self.batch_size)
-        example = self._example_input(loader)
+        loader = as_loader(X, self.batch_size) if X is not None else None
+        example = self._example(loader)
 
         working = [_on_device(model, self.device_) for model in models]
         modes = [model.training for model in models]
+        self.timings_ = {}
         try:
             for model in working:
                 model.eval()
             dtype = next(working[reference].parameters()).dtype
-            example = example.to(self.device_, dtype) if example.is_floating_point() else example.to(self.device_)
-            spaces = self._spaces(working[reference], example)
-            statistics, n_seen = self._accumulate(working, reference, loader, spaces, dtype)
-            self.timings_ = {"statistics": time.perf_counter() - start}
-
+            if example is not None:
+                example = example.to(self.device_, dtype) if example.is_floating_point() else example.to(self.device_)
+            self.spaces_ = self._spaces(working[reference], example)
+            self.aligners_ = self._fit_aligners(working, reference, loader, dtype)
             tick = time.perf_counter()
-            self.aligners_ = self._solve(spaces, statistics, n_models, reference)
-            self.timings_["solve"] = time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            self.spaces_ = spaces
             merged = self._averaged_state(working, self.weights_, reference)
         finally:
             for model, mode in zip(models, modes):
@@ -275,17 +271,51 @@ class ModelMerger(BaseEstimator):
 
         tick = time.perf_counter()
         if self.reset_bn and has_batchnorm(merged_model):
-            reset_bn_stats(merged_model, loader, device=self.device_, verbose=self._show_progress())
+            if loader is None:
+                warnings.warn(
+                    "The models have BatchNorm layers but fit() got no data: the merged model "
+                    "keeps the averaged running statistics, which usually do not match its "
+                    "activations. Call fit(X) to re-estimate them (or "
+                    "skmerge.batchnorm.reset_bn_stats), or pass reset_bn=False to keep them "
+                    "knowingly.", UserWarning, stacklevel=3)
+            else:
+                reset_bn_stats(merged_model, loader, device=self.device_, verbose=self._show_progress())
         self.timings_["reset_bn"] = time.perf_counter() - tick
         self.timings_["total"] = time.perf_counter() - start
 
         self.merged_model_ = merged_model
-        self.statistics_ = statistics
-        self.n_samples_seen_ = n_seen
-        if isinstance(X, (torch.Tensor, np.ndarray)) and X.ndim == 2:
-            self.n_features_in_ = int(X.shape[1])
-        self.classes_ = np.arange(self._n_outputs(merged_model, example))
+        self.__dict__.pop("n_features_in_", None)
+        # Without data, a merger that takes an example input (weight matching) reads it there.
+        source = X if X is not None else getattr(self, "example_input", None)
+        if isinstance(source, (torch.Tensor, np.ndarray)) and source.ndim == 2:
+            self.n_features_in_ = int(source.shape[1])
+        self.__dict__.pop("classes_", None)
+        if example is not None:
+            self.classes_ = np.arange(self._n_outputs(merged_model, example))
         return self
+
+    # Steps that other mergers (weight matching) replace.
+    def _check_method_params(self) -> None:
+        if not hasattr(self.aligner, "fit_from_stats"):
+            raise TypeError(
+                f"aligner must be a skmerge aligner with fit_from_stats, got {type(self.aligner).__name__}."
+            )
+
+    def _example(self, loader) -> torch.Tensor | None:
+        if loader is None:
+            raise ValueError("ModelMerger.fit needs alignment data X.")
+        return self._example_input(loader)
+
+    def _fit_aligners(self, models, reference, loader, dtype) -> list[list]:
+        """One pass for the statistics, then one aligner per (space, model)."""
+        tick = time.perf_counter()
+        self.statistics_, self.n_samples_seen_ = self._accumulate(
+            models, reference, loader, self.spaces_, dtype)
+        self.timings_["statistics"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        aligners = self._solve(self.spaces_, self.statistics_, len(models), reference)
+        self.timings_["solve"] = time.perf_counter() - tick
+        return aligners
 
     def _show_progress(self) -> bool:
         # Under torch.distributed only rank 0 draws progress bars.

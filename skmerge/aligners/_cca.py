@@ -81,7 +81,7 @@ class CCAAligner(BaseAligner):
 
     Parameters
     ----------
-    regularization : float in [0, 1] or "auto", default="auto"
+    regularization : float in [0, 1] or "auto", default=0.3
         Shrinkage ``r`` of both covariances towards a multiple of the
         identity. Scale-free: the same value means the same amount of
         shrinkage whatever the activations' magnitude. ``"auto"`` picks one
@@ -133,7 +133,7 @@ class CCAAligner(BaseAligner):
     array([1., 1., 1.])
     """
 
-    def __init__(self, regularization: float | str = "auto") -> None:
+    def __init__(self, regularization: float | str = 0.3) -> None:
         self.regularization = regularization
 
     def _check_params(self) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from ._spaces import ParamSlice, Space
 
-__all__ = ["apply_transforms"]
+__all__ = ["apply_transforms", "gather_slice", "permute_space_"]
 
 
 def _as_matrix(x) -> torch.Tensor | None:
@@ -52,8 +52,12 @@ def _normalize(transform, space: Space, i: int):
     )
 
 
-def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
-    """Transform the positions of ``sl`` in ``t`` (float64, contiguous) in place."""
+def _locate(t: torch.Tensor, sl: ParamSlice):
+    """Return ``(view, positions, d, k)``: where the channels of ``sl`` sit in ``t``.
+
+    ``view`` is ``t`` or ``t.flatten(sl.axis)`` (a view when ``t`` is contiguous)
+    and ``positions`` the flat index along ``sl.axis`` of ``view``.
+    """
     index = sl.index.to(t.device)
     d, k = index.shape
     # k > 1 (or positions past the axis): the positions count tensor.flatten(axis)
@@ -65,9 +69,60 @@ def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
             f"{sl!r} points past the {view.shape[sl.axis]} positions of axis {sl.axis} of "
             f"{sl.name!r} (shape {tuple(t.shape)}): the space does not match this state_dict"
         )
+    return view, positions, d, k
+
+
+def gather_slice(t: torch.Tensor, sl: ParamSlice) -> torch.Tensor:
+    """The positions of ``sl`` in ``t``, channel first.
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        The tensor named ``sl.name`` (any dtype and device).
+    sl : ParamSlice
+
+    Returns
+    -------
+    torch.Tensor
+        A new tensor of shape ``(d, k, *rest)``: channel ``c`` of the space,
+        its ``k`` positions along ``sl.axis``, then every other axis of ``t``
+        (in order). ``gather_slice(t, sl).reshape(d, -1)`` is the matrix whose
+        row ``c`` holds every entry of ``t`` that belongs to channel ``c``.
+    """
+    view, positions, d, k = _locate(t, sl)
     g = view.index_select(sl.axis, positions).movedim(sl.axis, 0)
-    rest = g.shape[1:]
-    g = g.reshape(d, k, *rest)  # channel, its k positions, everything else
+    return g.reshape(d, k, *g.shape[1:])
+
+
+def _scatter_(view: torch.Tensor, sl: ParamSlice, positions: torch.Tensor, g: torch.Tensor) -> None:
+    d, k, *rest = g.shape
+    view.index_copy_(sl.axis, positions, g.reshape(d * k, *rest).movedim(0, sl.axis))
+
+
+def permute_space_(tensors: dict, space: Space, perm) -> None:
+    """Permute the channels of one space in place, by indexing.
+
+    Parameters
+    ----------
+    tensors : dict of str to torch.Tensor
+        Must hold every tensor named by the producers and consumers of
+        ``space``, contiguous (modified in place).
+    space : Space
+    perm : sequence of int
+        New channel ``j`` is old channel ``perm[j]`` (as in
+        :func:`apply_transforms`); not checked here.
+    """
+    for sl in space.producers + space.consumers:
+        t = tensors[sl.name]
+        view, positions, _, _ = _locate(t, sl)
+        g = gather_slice(t, sl)
+        _scatter_(view, sl, positions, g[torch.as_tensor(perm, dtype=torch.long, device=t.device)])
+
+
+def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
+    """Transform the positions of ``sl`` in ``t`` (float64, contiguous) in place."""
+    view, positions, _, _ = _locate(t, sl)
+    g = gather_slice(t, sl)  # channel, its k positions, everything else
     if op[0] == "perm":
         g = g[op[1].to(t.device)]
     elif role == "producers":
@@ -78,7 +133,7 @@ def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
     else:
         # columns: C' = C inverse^T, i.e. new channel j = sum_i inverse[j, i] old channel i
         g = torch.tensordot(op[2].to(t.device), g, dims=1)
-    view.index_copy_(sl.axis, positions, g.reshape(d * k, *rest).movedim(0, sl.axis))
+    _scatter_(view, sl, positions, g)
 
 
 def apply_transforms(state_dict: dict, spaces: Sequence[Space], transforms: Sequence) -> dict:
