@@ -13,11 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ALIGNERS", "DEMO_DEFAULTS", "DemoResult", "DemoRow", "format_table",
+__all__ = ["ALIGNERS", "DEMO_ALIGNERS", "DEMO_DEFAULTS", "DemoResult", "DemoRow", "format_table",
            "make_aligner", "run_demo", "save_plot"]
 
 #: Aligner names accepted by the command line, in the order they are shown.
-ALIGNERS = ("identity", "permutation", "cca")
+#: Aligners the demo compares by default.
+DEMO_ALIGNERS = ("identity", "permutation", "cca")
+#: Every aligner the command line can build.
+ALIGNERS = DEMO_ALIGNERS + ("procrustes", "ot")
 
 #: Per-architecture defaults of the demo on digits (8x8 images), chosen so that
 #: one model trains in a second or two on 2 CPU cores and the base models
@@ -91,8 +94,8 @@ def make_aligner(name: str, regularization: float | str | None = None):
 
     Parameters
     ----------
-    name : {"identity", "permutation", "cca"}
-        Aligner name.
+    name : {"identity", "permutation", "cca", "procrustes", "ot"}
+        Aligner name ("ot": :class:`~skmerge.OptimalTransportAligner`).
     regularization : float, "auto" or None, default=None
         CCA shrinkage; None keeps :class:`~skmerge.CCAAligner`'s default.
 
@@ -101,7 +104,8 @@ def make_aligner(name: str, regularization: float | str | None = None):
     estimator
         A new, unfitted aligner.
     """
-    from .aligners import CCAAligner, IdentityAligner, PermutationAligner
+    from .aligners import (CCAAligner, IdentityAligner, OptimalTransportAligner,
+                           PermutationAligner, ProcrustesAligner)
 
     if name == "cca":
         return CCAAligner() if regularization is None else CCAAligner(regularization=regularization)
@@ -111,6 +115,10 @@ def make_aligner(name: str, regularization: float | str | None = None):
         return PermutationAligner()
     if name == "identity":
         return IdentityAligner()
+    if name == "procrustes":
+        return ProcrustesAligner()
+    if name == "ot":
+        return OptimalTransportAligner()
     raise ValueError(f"unknown aligner {name!r}; choose from {', '.join(ALIGNERS)}")
 
 
@@ -120,7 +128,7 @@ def run_demo(
     *,
     width: float | None = None,
     epochs: int | None = None,
-    aligners: Sequence[str] = ALIGNERS,
+    aligners: Sequence[str] = DEMO_ALIGNERS,
     seed: int = 0,
     device: str = "auto",
     log: Callable[[str], None] | None = None,

@@ -29,7 +29,8 @@ MODELS = ("mlp", "resnet18", "resnet20", "vgg11", "vgg16")
 DATASETS = ("cifar10", "cifar100", "digits", "fashion-mnist")
 _DATASET_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
                     "cifar-10": "cifar10", "cifar-100": "cifar100"}
-ALIGNERS = ("identity", "permutation", "cca")
+DEMO_ALIGNERS = ("identity", "permutation", "cca")
+ALIGNERS = DEMO_ALIGNERS + ("procrustes", "ot")
 SPLITS = ("same", "disjoint", "skewed")
 
 
@@ -293,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_int_at_least(1), default=None, metavar="E",
                       help="training epochs per model (default: 40 for mlp, 10 for the "
                            "others)")
-    demo.add_argument("--aligners", type=_aligner_list, default=list(ALIGNERS),
+    demo.add_argument("--aligners", type=_aligner_list, default=list(DEMO_ALIGNERS),
                       metavar="LIST", help="comma-separated aligners among "
-                                           f"{','.join(ALIGNERS)} (default: all three)")
+                                           f"{','.join(ALIGNERS)} (default: {','.join(DEMO_ALIGNERS)})")
     demo.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
                       help="seed of the first model; the others get S+1, S+2, ... "
                            "(default: 0)")

@@ -416,3 +416,15 @@ def test_getting_started_example_runs():
     claimed = re.search(r"It prints ``(.*?)``", text).group(1)
     if torch.__version__.startswith("2.13."):
         assert buffer.getvalue().strip() == claimed
+
+
+def test_every_command_line_aligner_name_builds_its_aligner():
+    from skmerge import OptimalTransportAligner, ProcrustesAligner
+    from skmerge._demo import ALIGNERS, make_aligner
+
+    built = {name: make_aligner(name) for name in ALIGNERS}
+    assert isinstance(built["procrustes"], ProcrustesAligner)
+    assert isinstance(built["ot"], OptimalTransportAligner)
+    assert all(hasattr(aligner, "fit_from_stats") for aligner in built.values())
+    with pytest.raises(ValueError, match="cca aligner only"):
+        make_aligner("ot", regularization=0.1)
