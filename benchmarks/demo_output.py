@@ -4,6 +4,7 @@ Writes, under ``docs/_generated/`` (committed; the user guide includes the
 files with ``literalinclude``):
 
 * ``demo.txt``: the real stdout of ``skmerge demo`` with default settings
+  (also copied into README.md between its ``demo-output`` markers)
   (about a minute on 2 CPU cores; the accuracies are reproducible for a
   given torch version, the merge and wall times are not);
 * ``cli_workflow.txt``: ``skmerge train``, ``merge`` and ``evaluate`` on
@@ -62,6 +63,23 @@ def write_demo() -> None:
                           stdout=subprocess.PIPE, text=True, check=True)
     (GENERATED / "demo.txt").write_text("$ skmerge demo\n" + done.stdout)
     print("wrote docs/_generated/demo.txt", file=sys.stderr)
+    write_readme_excerpt(done.stdout)
+
+
+README_START, README_END = "<!-- demo-output:start -->", "<!-- demo-output:end -->"
+
+
+def write_readme_excerpt(demo_stdout: str) -> None:
+    """Put the demo's table between the README's markers (README numbers are never typed)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    head, found, rest = text.partition(README_START)
+    _, found_end, tail = rest.partition(README_END)
+    if not (found and found_end):
+        raise SystemExit(f"README.md lacks the {README_START} ... {README_END} markers")
+    block = f"{README_START}\n```text\n$ skmerge demo\n{demo_stdout.rstrip()}\n```\n{README_END}"
+    readme.write_text(head + block + tail)
+    print("wrote the demo output into README.md", file=sys.stderr)
 
 
 def write_workflow() -> None:
