@@ -17,6 +17,7 @@ The table is copied into docs/user_guide/aligners.rst.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import time
 import warnings
 
@@ -39,6 +40,9 @@ def make_data(rng, n, d, noise, n_test=20_000):
     return X[:n], y[:n], X[n:], y[n:]
 
 
+OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "_generated" / "aligner_regularization.txt"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=int, default=64)
@@ -47,9 +51,15 @@ def main() -> None:
     d = args.d
     columns = [str(r) for r in GRID] + ["auto", "GridSearchCV"]
     header = f"{'n':>5} {'noise':>5} | " + " ".join(f"{c:>7}" for c in columns[:-1]) + f" | {'CV pick':>12}"
-    print(f"d = {d}, mean held-out score over {args.seeds} seeds")
-    print(header)
-    print("-" * len(header))
+    lines = []
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    emit(f"d = {d}, mean held-out score over {args.seeds} seeds")
+    emit(header)
+    emit("-" * len(header))
     start = time.perf_counter()
     for n in (int(1.25 * d), 2 * d, 8 * d):
         for noise in (0.5, 1.0):
@@ -67,13 +77,17 @@ def main() -> None:
                 picks.append(search.best_params_["regularization"])
             scores /= args.seeds
             pick = f"{scores[-1]:.3f} ({np.median(picks):g})"
-            print(
+            emit(
                 f"{n:>5} {noise:>5} | "
                 + " ".join(f"{s:7.3f}" for s in scores[:-1])
                 + f" | {pick:>12}"
             )
-    print(f"\n(CV pick: held-out score of GridSearchCV(cv=3) over the grid, median chosen r; "
-          f"{time.perf_counter() - start:.1f} s)")
+    emit("")
+    emit("(CV pick: held-out score of GridSearchCV(cv=3) over the grid, median chosen r)")
+    print(f"{time.perf_counter() - start:.1f} s")
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    OUTPUT.write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUTPUT}")
 
 
 if __name__ == "__main__":
