@@ -51,13 +51,17 @@ __all__ = ["CrossCovariance", "ReferenceCovariance"]
 # --------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------
-def _as_float64_tensor(data: Any, name: str, device: torch.device | None) -> torch.Tensor:
-    """Validate one 2-D batch and return it as a float64 tensor.
+def _checked_batch(data: Any, name: str, device: torch.device | None) -> torch.Tensor:
+    """Validate one 2-D batch (type, device, shape); its values are checked by :func:`_checked_mean`.
 
     ``device`` is the device of the accumulated statistics (``None`` before the
     first update). NumPy input is moved there; a tensor on another device is an
     error, because silently copying a GPU batch to another device is almost
     always a bug in the caller's data pipeline.
+
+    Tensors of dtype float32 or float64 are returned as they are (no copy): the
+    conversion to float64 happens when the batch is centered (one pass, one new
+    tensor). Every other input comes back as a new float64 tensor.
     """
     if isinstance(data, torch.Tensor):
         if device is not None and data.device != device:
@@ -67,7 +71,9 @@ def _as_float64_tensor(data: Any, name: str, device: torch.device | None) -> tor
             )
         if data.is_complex():
             raise ValueError(f"{name} is complex; only real-valued data is supported.")
-        tensor = data.detach().to(torch.float64)
+        tensor = data.detach()
+        if tensor.dtype not in (torch.float32, torch.float64):
+            tensor = tensor.to(torch.float64)
     else:
         array = np.asarray(data)
         if array.dtype == object or not (
@@ -86,9 +92,25 @@ def _as_float64_tensor(data: Any, name: str, device: torch.device | None) -> tor
         raise ValueError(
             f"{name} must be 2-D (n_samples, n_features), got shape {tuple(tensor.shape)}."
         )
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contains NaN or infinity.")
     return tensor
+
+
+def _checked_mean(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """Float64 column means of a validated batch; raises if the batch is not finite.
+
+    A NaN or infinite entry makes its column's float64 sum NaN or infinite, so
+    checking the ``d`` means replaces the elementwise check of all ``n * d``
+    values (which cost as much as the centering and the conversion together).
+    Only when a mean is not finite are the values themselves examined: a batch
+    of finite float64 values whose sum overflows is accepted, as before.
+    """
+    if tensor.shape[0] == 0:
+        return torch.zeros(tensor.shape[1], dtype=torch.float64, device=tensor.device)
+    # dtype=float64: float32 input is converted before it is summed.
+    mean = tensor.mean(dim=0, dtype=torch.float64)
+    if not bool(torch.isfinite(mean).all()) and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or infinity.")
+    return mean
 
 
 def _chan_merge(
@@ -150,7 +172,11 @@ class _ComomentAccumulator:
         if len(views) != self._n_views:
             raise ValueError(f"Expected {self._n_views} views, got {len(views)}.")
         device = self.device
-        tensors = [_as_float64_tensor(v, name, device) for v, name in zip(views, names)]
+        tensors, means_b = [], []
+        for view, name in zip(views, names):
+            tensor = _checked_batch(view, name, device)
+            tensors.append(tensor)
+            means_b.append(_checked_mean(tensor, name))
         if device is None:
             # The first batch fixes the device; all views must agree.
             devices = {t.device for t in tensors}
@@ -170,11 +196,10 @@ class _ComomentAccumulator:
                         f"{name} has {t.shape[1]} features, but earlier batches had "
                         f"{mean.shape[0]}."
                     )
-        if n_batch == 0:
-            means_b = [t.new_zeros(t.shape[1]) for t in tensors]
-        else:
-            means_b = [t.mean(dim=0) for t in tensors]
+        # Centering promotes float32 to float64 first (exact), in one pass and
+        # one new tensor per view; the products below are float64 throughout.
         centered = [t - m for t, m in zip(tensors, means_b)]
+        del tensors
         moments_b = {(i, j): centered[i].T @ centered[j] for (i, j) in self._pairs}
         if self._means is None:
             # Establish shapes and device even for an empty first batch.

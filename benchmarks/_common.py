@@ -1,0 +1,231 @@
+"""Shared helpers of the benchmark scripts: threads, data, machine info, output.
+
+Import this module *before* torch (``from _common import ...`` at the top of a
+script): it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already
+sets it. On a small machine shared with other processes, OpenMP's default
+busy-waiting makes every multi-threaded torch op wait for a descheduled
+sibling thread; we measured 10x to 100x slowdowns of training steps on the
+2-core benchmark machine while other test suites ran, and none with the
+passive policy.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+CACHE = HERE / "cache"
+GENERATED = REPO / "docs" / "_generated" / "benchmarks"
+
+
+# --------------------------------------------------------------------------
+# environment
+
+
+def setup_torch(threads: int) -> None:
+    """Fix the number of intra-op threads (the benchmarks default to 2)."""
+    torch.set_num_threads(int(threads))
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """Where a result came from: CPU, cores, threads, library versions, date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import sklearn
+
+    import skmerge
+
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "sklearn": sklearn.__version__,
+        "skmerge": skmerge.__version__,
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    try:
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def machine_line(info: dict) -> str:
+    """One sentence describing the machine of a result file."""
+    where = info["gpu"] or f"{info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads)"
+    load = info.get("load_average_at_start")
+    load = f", load average {load[0]:g} at start" if load else ""
+    return (f"{where}; torch {info['torch']}, scikit-learn {info['sklearn']}, "
+            f"skmerge {info['skmerge']}, Python {info['python']}; {info['date']}{load}.")
+
+
+# --------------------------------------------------------------------------
+# data
+
+
+def _stratified_pick(labels: np.ndarray, sizes: list[int], seed: int) -> list[np.ndarray]:
+    """Disjoint stratified index sets of the given sizes (in a shuffled order)."""
+    from sklearn.model_selection import train_test_split
+
+    remaining = np.arange(len(labels))
+    picks = []
+    for size in sizes:
+        if size <= 0:
+            picks.append(remaining[:0])
+            continue
+        if size >= len(remaining):
+            picks.append(np.random.default_rng(seed).permutation(remaining))
+            remaining = remaining[:0]
+            continue
+        chosen, remaining = train_test_split(
+            remaining, train_size=size, stratify=labels[remaining], random_state=seed)
+        picks.append(np.asarray(chosen))
+    return picks
+
+
+def _resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    if x.shape[-1] == image_size:
+        return x
+    # "area" is average pooling for integer factors (28 -> 14).
+    return F.interpolate(x, size=(image_size, image_size), mode="area").contiguous()
+
+
+def load_benchmark_data(dataset: str, *, n_train: int, n_heldout: int, n_test: int,
+                        image_size: int | None, seed: int = 0, root: str | None = None) -> dict:
+    """Stratified subsets of a data set, resized.
+
+    Returns a dict with ``train`` (``n_train`` training images), ``heldout``
+    (``n_heldout`` *other* training images: the alignment data and the only
+    data GridSearchCV sees), ``test`` (``n_test`` test images) as
+    TensorDatasets, and ``info`` (``in_channels``, ``image_size``,
+    ``num_classes``).
+    """
+    from skmerge.datasets import dataset_info, load_dataset
+
+    info = dataset_info(dataset)
+    train = load_dataset(dataset, "train", root=root)
+    test = load_dataset(dataset, "test", root=root)
+    size = int(image_size or info["image_size"])
+    x, y = train.tensors
+    idx_train, idx_heldout = _stratified_pick(y.numpy(), [n_train, n_heldout], seed)
+    xt, yt = test.tensors
+    (idx_test,) = _stratified_pick(yt.numpy(), [n_test], seed)
+    idx_test = np.sort(idx_test)
+
+    def subset(x, y, idx):
+        idx = torch.as_tensor(idx)
+        return TensorDataset(_resize(x[idx], size), y[idx].clone())
+
+    return {
+        "train": subset(x, y, idx_train),
+        "heldout": subset(x, y, idx_heldout),
+        "test": subset(xt, yt, idx_test),
+        "info": {"dataset": info["name"], "in_channels": info["in_channels"],
+                 "image_size": size, "native_image_size": info["image_size"],
+                 "num_classes": info["num_classes"]},
+    }
+
+
+# --------------------------------------------------------------------------
+# output
+
+
+def write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def rst_table(header: list[str], rows: list[list], *, widths: str | None = None,
+              title: str | None = None, stub_columns: int = 1) -> str:
+    """A ``.. list-table::`` directive (included by docs/benchmarks.rst)."""
+    lines = [f".. list-table::{(' ' + title) if title else ''}",
+             "   :header-rows: 1",
+             f"   :stub-columns: {stub_columns}"]
+    if widths:
+        lines.append(f"   :widths: {widths}")
+    lines.append("")
+    for row in [header] + rows:
+        cells = [str(c) if str(c) != "" else " " for c in row]
+        lines.append(f"   * - {cells[0]}")
+        lines.extend(f"     - {c}" for c in cells[1:])
+    return "\n".join(lines) + "\n"
+
+
+def text_table(header: list[str], rows: list[list]) -> str:
+    """A plain fixed-width table (for the console and .txt files)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    out = []
+    for k, row in enumerate(cells):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out) + "\n"
+
+
+def pm(values, scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std`` of a list (std over model sets, ddof=0); ``mean`` alone for one value."""
+    values = np.asarray([v for v in values if v is not None], dtype=float) * scale
+    if values.size == 0:
+        return "–"
+    if values.size == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)

@@ -1,0 +1,506 @@
+"""What merging costs: ModelMerger.fit against its lower bound, memory, solve time.
+
+Three measurements (untrained models: the timings do not depend on the
+weights):
+
+1. **fit time vs the forward-pass lower bound.** ``ModelMerger.fit`` of 2 and
+   8 ResNet20x4 models on growing alignment sets, against the forward passes
+   of all models over the same data plus one BatchNorm re-estimation pass of
+   the merged model (``skmerge.batchnorm.reset_bn_stats``), measured in the
+   same run, alternating with the fits. Goal: fit <= 1.5x that bound. The
+   breakdown is ``ModelMerger.timings_``: ``statistics`` (tracing + forward
+   passes + accumulation), ``solve``, ``transform`` (weights and averaging),
+   ``reset_bn``.
+2. **peak memory vs number of models** (2, 4, 8, 16), each configuration in a
+   fresh subprocess: peak resident memory during ``fit`` minus the peak after
+   loading the models and data (``resource.getrusage``), and the exact bytes
+   of the accumulated statistics (``merger.statistics_``), which should be
+   ``O(n_models * d^2)``.
+3. **solve time per space** for d = 64 ... 2048: ``fit_from_stats`` of each
+   aligner on one (d, d) space, and the parts of the CCA solve.
+
+Run::
+
+    python benchmarks/cost.py                 # about 10 min on 2 busy CPU cores
+    python benchmarks/cost.py --quick         # smoke run, < 1 min
+    python benchmarks/cost.py --device cuda   # on a GPU (writes cost_cuda.json)
+    python benchmarks/cost.py --profile       # cProfile of one 8-model fit
+
+Results go to ``benchmarks/results/cost[_DEVICE].json`` and the tables to
+``docs/_generated/benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from _common import (CACHE, GENERATED, RESULTS, load_benchmark_data, log, machine_info,  # noqa: E402
+                     machine_line, read_json, rst_table, setup_torch, text_table, write_json,
+                     write_text)
+from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
+from skmerge.batchnorm import reset_bn_stats  # noqa: E402
+from skmerge.models import get_model  # noqa: E402
+from skmerge.stats import CrossCovariance  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 1 min), writes under benchmarks/cache/quick")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--width", type=float, default=None, help="ResNet20 width (default 4)")
+    parser.add_argument("--image-size", type=int, default=14,
+                        help="Fashion-MNIST images resized to this size (default 14, as in accuracy.py)")
+    parser.add_argument("--batch-size", type=int, default=128, help="ModelMerger batch_size (default 128)")
+    parser.add_argument("--fit-sizes", default=None,
+                        help="alignment sizes per number of models, e.g. '2:128,256,512,1024;8:128,256,512'")
+    parser.add_argument("--repeats", type=int, default=None, help="timing repeats, minimum kept (default 2)")
+    parser.add_argument("--memory-models", default=None, help="numbers of models (default 2,4,8,16)")
+    parser.add_argument("--memory-size", type=int, default=None, help="alignment images for memory (default 256)")
+    parser.add_argument("--dims", default=None, help="solve widths (default 64,128,256,512,1024,2048)")
+    parser.add_argument("--parts", default="fit,memory,solve", help="which measurements to run")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one fit and exit")
+    parser.add_argument("--output", default=None, help="results JSON (default benchmarks/results/cost[_DEVICE].json)")
+    parser.add_argument("--docs-dir", default=None, help="where tables go (default docs/_generated/benchmarks)")
+    parser.add_argument("--tables-only", action="store_true", help="regenerate the tables from the results JSON")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    q = args.quick
+    defaults = dict(width=1.0 if q else 4.0, fit_sizes="2:64,128;4:64" if q else "2:128,256,512,1024;8:128,256,512,1024",
+                    repeats=1 if q else 2, memory_models="2,4" if q else "2,4,8,16",
+                    memory_size=64 if q else 256, dims="64,128,256" if q else "64,128,256,512,1024,2048")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.fit_sizes = {int(n): [int(s) for s in sizes.split(",")]
+                      for n, sizes in (part.split(":") for part in args.fit_sizes.split(";"))}
+    args.memory_models = [int(n) for n in args.memory_models.split(",")]
+    args.dims = [int(d) for d in args.dims.split(",")]
+    args.parts = set(args.parts.split(","))
+    suffix = "" if args.device == "cpu" else "_" + torch.device(args.device).type
+    out_root = CACHE / "quick" if q else None
+    args.output = Path(args.output) if args.output else (out_root or RESULTS) / f"cost{suffix}.json"
+    args.docs_dir = Path(args.docs_dir) if args.docs_dir else (out_root or GENERATED)
+    args.doc_prefix = "cost" + suffix
+    return args
+
+
+def make_models(n: int, width: float, device) -> list:
+    models = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        models.append(get_model("resnet20", width=width, in_channels=1, num_classes=10).to(device).eval())
+    return models
+
+
+def alignment_data(size: int, image_size: int, device) -> torch.Tensor:
+    data = load_benchmark_data("fashion-mnist", n_train=size, n_heldout=0, n_test=10,
+                               image_size=image_size, seed=0)
+    return data["train"].tensors[0].to(device)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def forward_bound(models, X, batch_size: int, device) -> tuple[float, float]:
+    """Seconds of the forward passes of all models, and of one BatchNorm pass, over X."""
+    _sync(device)
+    start = time.perf_counter()
+    for model in models:
+        for i in range(0, len(X), batch_size):
+            model(X[i:i + batch_size])
+    _sync(device)
+    forward = time.perf_counter() - start
+    merged = copy.deepcopy(models[0])
+    _sync(device)
+    start = time.perf_counter()
+    reset_bn_stats(merged, X, batch_size=batch_size, device=device)
+    _sync(device)
+    return forward, time.perf_counter() - start
+
+
+def timed_fit(models, X, args) -> dict:
+    _sync(args.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merger = ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device=args.device).fit(X)
+    _sync(args.device)
+    return dict(merger.timings_)
+
+
+# --------------------------------------------------------------------------
+# 1. fit vs lower bound
+
+
+def measure_fit(args) -> list[dict]:
+    rows = []
+    for n, sizes in args.fit_sizes.items():
+        models = make_models(n, args.width, args.device)
+        X_all = alignment_data(max(sizes), args.image_size, args.device)
+        # Warm-up: oneDNN primitives, tracing imports, allocator.
+        forward_bound(models[:1], X_all[:args.batch_size], args.batch_size, args.device)
+        timed_fit(models[:2], X_all[:args.batch_size], args)
+        for size in sizes:
+            X = X_all[:size]
+            bounds, fits = [], []
+            for _ in range(args.repeats):
+                bounds.append(forward_bound(models, X, args.batch_size, args.device))
+                fits.append(timed_fit(models, X, args))
+            forward = min(b[0] for b in bounds)
+            bn = min(b[1] for b in bounds)
+            fit = min(fits, key=lambda t: t["total"])
+            row = {"n_models": n, "n_samples": size, "forward": forward, "bn_pass": bn,
+                   "bound": forward + bn, **{f"fit_{k}": v for k, v in fit.items()},
+                   "ratio": fit["total"] / (forward + bn),
+                   "all_forward": [b[0] for b in bounds], "all_bn": [b[1] for b in bounds],
+                   "all_fit": [f["total"] for f in fits]}
+            rows.append(row)
+            log(f"  fit n={n} N={size}: forward {forward:.2f} + BN {bn:.2f} s, fit {fit['total']:.2f} s "
+                f"(stats {fit['statistics']:.2f}, solve {fit['solve']:.2f}, transform {fit['transform']:.2f}, "
+                f"BN {fit['reset_bn']:.2f}), ratio {row['ratio']:.2f}")
+        del models
+        gc.collect()
+    return rows
+
+
+# --------------------------------------------------------------------------
+# 2. memory (one subprocess per configuration)
+
+
+def _maxrss_mib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the peak resident set size to the current one (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _alignment_file(size: int, args) -> Path:
+    """The alignment images saved once by the parent, so a child does not load the whole data set."""
+    path = CACHE / f"cost_alignment_{size}_{args.image_size}.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(alignment_data(size, args.image_size, "cpu"), path)
+    return path
+
+
+def memory_child(n: int, args) -> dict:
+    X = torch.load(_alignment_file(args.memory_size, args), weights_only=True).to(args.device)
+    models = make_models(n, args.width, args.device)
+    with torch.no_grad():  # warm-up: libraries, oneDNN primitives
+        models[0](X[:args.batch_size])
+    gc.collect()
+    # Baseline: what is resident once the models and data are loaded. Where the
+    # kernel allows it, the peak is reset to that; else the peak so far is used.
+    reset = _reset_peak()
+    baseline = _proc_status_mib("VmRSS") if reset else _maxrss_mib()
+    if args.device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+        gpu_base = torch.cuda.memory_allocated()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merger = ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device=args.device).fit(X)
+    peak = (_proc_status_mib("VmHWM") if reset else None) or _maxrss_mib()
+    stats_bytes = sum(t.numel() * t.element_size() for s in merger.statistics_
+                      for t in list(s._means) + list(s._moments.values()))
+    dims = [int(s.n_features_[0]) for s in merger.statistics_]
+    # What fit holds per model while it processes one batch: the inputs of
+    # every tapped module (float32), captured for all models at once.
+    captured = {}
+
+    def hook(_module, inputs):
+        captured[inputs[0].data_ptr()] = inputs[0]  # held, as fit holds them: no address reuse
+
+    hooks = [models[0].get_submodule(path).register_forward_pre_hook(hook)
+             for path in sorted({tap.module for space in merger.spaces_ for tap in space.taps})]
+    with torch.no_grad():
+        models[0](X[:args.batch_size])
+    for hook in hooks:
+        hook.remove()
+    out = {"n_models": n, "baseline_mib": baseline, "peak_mib": peak, "fit_extra_mib": peak - baseline,
+           "statistics_mib": stats_bytes / 2**20, "sum_d2": int(sum(d * d for d in dims)),
+           "captured_batch_mib": sum(t.numel() * t.element_size() for t in captured.values()) / 2**20,
+           "n_spaces": len(dims), "fit_seconds": merger.timings_["total"], "peak_reset": reset}
+    if args.device != "cpu":
+        out["gpu_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - gpu_base) / 2**20
+    return out
+
+
+def measure_memory(args) -> list[dict]:
+    rows = []
+    _alignment_file(args.memory_size, args)
+    for n in args.memory_models:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n),
+               "--device", args.device, "--threads", str(args.threads), "--width", str(args.width),
+               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+               "--memory-size", str(args.memory_size)]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        log(f"  memory n={n}: fit +{row['fit_extra_mib']:.0f} MiB over {row['baseline_mib']:.0f} MiB, "
+            f"statistics {row['statistics_mib']:.1f} MiB")
+    return rows
+
+
+# --------------------------------------------------------------------------
+# 3. solve time per space
+
+
+def _timeit(fn, repeats: int, device) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _stats(d: int, device, seed: int = 0) -> CrossCovariance:
+    """Statistics of two correlated d-dimensional views (4d samples, decaying spectrum)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 4 * d
+    scale = torch.arange(1, d + 1, dtype=torch.float64).rsqrt()
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64) * scale
+    mix = torch.randn(d, d, generator=gen, dtype=torch.float64) / d ** 0.5
+    Y = X @ mix + 0.5 * torch.randn(n, d, generator=gen, dtype=torch.float64) * scale
+    stats = CrossCovariance()
+    for i in range(0, n, 4096):
+        stats.update(X[i:i + 4096].to(device), Y[i:i + 4096].to(device))
+    return stats
+
+
+def measure_solve(args) -> list[dict]:
+    rows = []
+    device = torch.device(args.device)
+    for d in args.dims:
+        stats = _stats(d, device)
+        repeats = 3 if d <= 512 else 1
+        row = {"d": d}
+        for key, make in [("identity", IdentityAligner), ("permutation", PermutationAligner),
+                          ("cca_auto", lambda: CCAAligner(regularization="auto")), ("cca_fixed", lambda: CCAAligner(regularization=0.1))]:
+            if d <= 512:
+                make().fit_from_stats(stats)  # warm-up
+            row[key] = _timeit(lambda: make().fit_from_stats(stats), repeats, device)
+        s = stats.covariance_xx()
+        m = stats.covariance_xy()
+        row["eigh"] = _timeit(lambda: torch.linalg.eigh(s), repeats, device)
+        row["svd"] = _timeit(lambda: torch.linalg.svd(m, full_matrices=False), repeats, device)
+        row["matmul"] = _timeit(lambda: s @ m, repeats, device)
+        rows.append(row)
+        log(f"  solve d={d}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in row.items() if k != "d"))
+        del stats
+    return rows
+
+
+# --------------------------------------------------------------------------
+# output
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.0f}" if seconds >= 0.1 else f"{1e3 * seconds:.1f}"
+
+
+def make_tables(results: dict) -> dict:
+    tables = {}
+    rows = []
+    for r in results.get("fit", []):
+        rows.append([r["n_models"], r["n_samples"], f"{r['forward']:.2f}", f"{r['bn_pass']:.2f}",
+                     f"{r['bound']:.2f}", f"{r['fit_total']:.2f}", f"{r['ratio']:.2f}",
+                     f"{r['fit_statistics']:.2f}", f"{r['fit_statistics'] - r['forward']:.2f}",
+                     f"{r['fit_solve']:.2f}", f"{r['fit_transform']:.2f}", f"{r['fit_reset_bn']:.2f}"])
+    tables["fit"] = (["models", "images", "forward (s)", "BN pass (s)", "bound (s)", "fit (s)",
+                      "fit / bound", "statistics (s)", "statistics - forward (s)", "solve (s)",
+                      "transform (s)", "reset BN (s)"], rows)
+    rows = []
+    mem = results.get("memory", [])
+    for r in mem:
+        rows.append([r["n_models"], f"{r['baseline_mib']:.0f}", f"{r['fit_extra_mib']:.0f}",
+                     f"{r['fit_extra_mib'] / r['n_models']:.1f}", f"{r['statistics_mib']:.1f}",
+                     f"{r['statistics_mib'] / ((2 * r['n_models'] - 1) * r['sum_d2'] * 8 / 2**20):.3f}",
+                     f"{r['captured_batch_mib']:.1f}"]
+                    + ([f"{r['gpu_peak_extra_mib']:.0f}"] if "gpu_peak_extra_mib" in r else []))
+    header = ["models", "after loading (MiB)", "fit peak extra (MiB)", "extra per model (MiB)",
+              "statistics (MiB)", "statistics / ((2 n_models - 1) sum d^2 x 8 B)",
+              "activations captured per batch and model (MiB)"]
+    if mem and "gpu_peak_extra_mib" in mem[0]:
+        header.append("GPU peak extra (MiB)")
+    tables["memory"] = (header, rows)
+    rows = []
+    for r in results.get("solve", []):
+        rows.append([r["d"], _ms(r["identity"]), _ms(r["permutation"]), _ms(r["cca_auto"]),
+                     _ms(r["cca_fixed"]), _ms(r["eigh"]), _ms(r["svd"]), _ms(r["matmul"])])
+    tables["solve"] = (["d", "Identity (ms)", "Permutation (ms)", "CCA auto (ms)", "CCA r=0.1 (ms)",
+                        "one eigh (ms)", "one SVD (ms)", "one matmul (ms)"], rows)
+    return tables
+
+
+def linear_fit(mem: list[dict]) -> dict | None:
+    if len(mem) < 2:
+        return None
+    n = np.array([r["n_models"] for r in mem], dtype=float)
+    extra = np.array([r["fit_extra_mib"] for r in mem])
+    slope, intercept = np.polyfit(n, extra, 1)
+    pred = slope * n + intercept
+    ss_res = float(((extra - pred) ** 2).sum())
+    ss_tot = float(((extra - extra.mean()) ** 2).sum()) or 1.0
+    return {"slope_mib_per_model": float(slope), "intercept_mib": float(intercept),
+            "r2": 1 - ss_res / ss_tot}
+
+
+def write_outputs(results: dict, args) -> None:
+    tables = make_tables(results)
+    text = []
+    titles = {"fit": "ModelMerger.fit vs the forward-pass lower bound (ResNet20, seconds, min over repeats)",
+              "memory": "Peak memory of ModelMerger.fit vs number of models (fresh process each)",
+              "solve": "Solve time per (d, d) space (fit_from_stats, min over repeats)"}
+    for key, (header, rows) in tables.items():
+        if rows:
+            write_text(args.docs_dir / f"{args.doc_prefix}_{key}.inc", rst_table(header, rows))
+            text.append(titles[key] + "\n\n" + text_table(header, rows))
+    cfg = results["config"]
+    fit = linear_fit(results.get("memory", []))
+    memo = ""
+    if fit:
+        memo = (f" Memory: a straight line through the fit peaks gives {fit['slope_mib_per_model']:.1f} MiB "
+                f"per model + {fit['intercept_mib']:.0f} MiB (R^2 = {fit['r2']:.3f}).")
+    meta = (f"ResNet20 x{cfg['width']:g} (untrained), Fashion-MNIST images at {cfg['image_size']}x"
+            f"{cfg['image_size']}, batch size {cfg['batch_size']}, CCAAligner(), device {cfg['device']}; "
+            f"{cfg['memory_size']} alignment images for the memory runs.{memo} "
+            f"Machine: {machine_line(results['machine'])} Wall time {results['wall_seconds'] / 60:.1f} min.\n")
+    summary = headline(results)
+    write_text(args.docs_dir / f"{args.doc_prefix}_meta.inc", meta)
+    write_text(args.docs_dir / f"{args.doc_prefix}_summary.inc", summary)
+    write_text(args.docs_dir / f"{args.doc_prefix}_tables.txt", meta + "\n" + summary + "\n" + "\n".join(text))
+    print(meta + "\n" + summary + "\n" + "\n".join(text))
+
+
+def headline(results: dict) -> str:
+    """Generated bullet list of the headline cost numbers."""
+    lines = []
+    fit = results.get("fit", [])
+    for n in sorted({r["n_models"] for r in fit}):
+        rows = [r for r in fit if r["n_models"] == n]
+        big = max(rows, key=lambda r: r["n_samples"])
+        ratios = ", ".join(f"{r['ratio']:.2f}" for r in sorted(rows, key=lambda r: r["n_samples"]))
+        lines.append(
+            f"- **fit / (forward + BN pass), {n} models:** {ratios} for "
+            f"{', '.join(str(r['n_samples']) for r in sorted(rows, key=lambda r: r['n_samples']))} images "
+            f"(goal: at most 1.5). At {big['n_samples']} images the fit took {big['fit_total']:.1f} s: "
+            f"statistics {big['fit_statistics']:.1f} s (of which forward passes {big['forward']:.1f} s), "
+            f"solve {big['fit_solve']:.1f} s, transform {big['fit_transform']:.1f} s, "
+            f"BN re-estimation {big['fit_reset_bn']:.1f} s.")
+    fitm = results.get("memory_fit")
+    mem = results.get("memory", [])
+    if fitm and mem:
+        lines.append(
+            f"- **memory:** the peak extra memory of fit grows by {fitm['slope_mib_per_model']:.1f} MiB per "
+            f"model (straight-line fit over {', '.join(str(r['n_models']) for r in mem)} models, "
+            f"R^2 = {fitm['r2']:.3f}). The accumulated statistics are a small part of it: "
+            f"{mem[-1]['statistics_mib']:.1f} MiB for {mem[-1]['n_models']} models, (2 n_models - 1) sum(d^2) "
+            f"float64 comoments (an auto- and a cross-comoment per model, the reference's auto-comoment "
+            f"once) plus the means. The rest is per-batch buffers held for every model at once: the "
+            f"captured inputs of the tapped layers ({mem[-1]['captured_batch_mib']:.1f} MiB per model at "
+            f"batch size {results['config']['batch_size']}), their sample-matrix and float64 centered "
+            f"copies, and allocator overhead; it scales with the batch size.")
+    solve = results.get("solve", [])
+    if solve:
+        last = solve[-1]
+        lines.append(
+            f"- **solve per space at d = {last['d']}:** CCA {last['cca_fixed']:.2f} s (auto: "
+            f"{last['cca_auto']:.2f} s), permutation {last['permutation']:.2f} s; one eigh "
+            f"{last['eigh']:.2f} s, one SVD {last['svd']:.2f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def profile(args) -> None:
+    import cProfile
+    import pstats
+
+    n, sizes = max(args.fit_sizes.items())
+    models = make_models(n, args.width, args.device)
+    X = alignment_data(sizes[-1], args.image_size, args.device)
+    timed_fit(models[:2], X[:args.batch_size], args)
+    log(f"forward bound: {forward_bound(models, X, args.batch_size, args.device)}")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    log(f"fit: {timed_fit(models, X, args)}")
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    setup_torch(args.threads)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(int(args.memory_child), args)))
+        return None
+    if args.tables_only:
+        results = read_json(args.output)
+        write_outputs(results, args)
+        return results
+    if args.profile:
+        profile(args)
+        return None
+    start = time.perf_counter()
+    results = {"config": {"device": args.device, "width": args.width, "image_size": args.image_size,
+                          "batch_size": args.batch_size, "fit_sizes": args.fit_sizes,
+                          "repeats": args.repeats, "memory_models": args.memory_models,
+                          "memory_size": args.memory_size, "dims": args.dims, "threads": args.threads},
+               "machine": machine_info(args.device), "command": " ".join(sys.argv)}
+    if "fit" in args.parts:
+        log("fit vs forward passes")
+        results["fit"] = measure_fit(args)
+    if "memory" in args.parts:
+        log("peak memory")
+        results["memory"] = measure_memory(args)
+        results["memory_fit"] = linear_fit(results["memory"])
+    if "solve" in args.parts:
+        log("solve time per space")
+        results["solve"] = measure_solve(args)
+    results["wall_seconds"] = time.perf_counter() - start
+    results["cpu_seconds"] = time.process_time()
+    write_json(args.output, results)
+    write_outputs(results, args)
+    return results
+
+
+if __name__ == "__main__":
+    main()
