@@ -538,8 +538,10 @@ class ModelMerger(BaseEstimator):
         -------
         numpy.ndarray of shape (n_samples,)
         """
-        logits = self.predict_logits(X)
-        return self.classes_[logits.argmax(axis=1)]
+        indices = self.predict_logits(X).argmax(axis=1)
+        # classes_ is arange(n_outputs); a data-free fit (weight matching) may lack it.
+        classes = getattr(self, "classes_", None)
+        return indices if classes is None else classes[indices]
 
     def score(self, X, y=None, sample_weight=None) -> float:
         """Accuracy of the merged model.

@@ -382,19 +382,3 @@ class WeightMatchingMerger(ModelMerger):
             progress.update()
         progress.close()
         return rows, n_iter
-
-    def predict(self, X) -> np.ndarray:
-        """Class index with the largest output of the merged model.
-
-        Parameters
-        ----------
-        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
-
-        Returns
-        -------
-        numpy.ndarray of shape (n_samples,)
-        """
-        logits = self.predict_logits(X)
-        if not hasattr(self, "classes_"):  # fitted without any input
-            self.classes_ = np.arange(logits.shape[1])
-        return self.classes_[logits.argmax(axis=1)]

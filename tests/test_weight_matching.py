@@ -103,7 +103,9 @@ def test_three_copies_and_groupnorm_blocks():
                                rtol=1e-12, atol=1e-12)
     # no input at all (spaces by hand): classes_ is set at the first prediction
     assert not hasattr(merger, "classes_")
-    assert merger.predict(inputs).shape == (16,) and len(merger.classes_) == 5
+    predicted = merger.predict(inputs)
+    assert predicted.shape == (16,) and set(predicted) <= set(range(5))
+    assert not hasattr(merger, "classes_")  # predict does not change the estimator
     # GroupNorm: permutations of another (non-copy) model stay inside the groups
     other = WeightMatchingMerger([model, _make("norm", seed=1)], spaces=spaces, device="cpu").fit()
     gn_space = next(i for i, s in enumerate(spaces) if s.block_size != s.dim)
