@@ -90,10 +90,30 @@ QUICK_FAMILIES = {
     "resnet20-x0.5": Family("ResNet20 x1/2", "resnet20", {"width": 0.5}, epochs=3, n_align=300),
 }
 
-ALIGNERS = ["identity", "permutation", "cca_auto", "cca_cv"]
+ALIGNERS = ["identity", "permutation", "cca_auto", "cca_default", "cca_cv"]
 LABELS = {"base": "base models (mean)", "ensemble": "ensemble", "identity": "Identity",
-          "permutation": "Permutation", "cca_auto": "CCA auto", "cca_cv": "CCA (GridSearchCV)"}
+          "permutation": "Permutation", "cca_auto": "CCA auto (OAS)", "cca_default": "CCA default",
+          "cca_cv": "CCA (GridSearchCV)"}
 COLUMNS = ["base", "ensemble"] + ALIGNERS
+
+
+def _default_regularization():
+    return CCAAligner().get_params()["regularization"]
+
+
+def labels_for(results: dict) -> dict:
+    """Column labels; the CCA default names the regularization it had in that run."""
+    labels = dict(LABELS)
+    default = results["config"].get("cca_default")
+    if default is not None:
+        labels["cca_default"] = f"CCA default (r={default})"
+    return labels
+
+
+def columns_for(results: dict) -> list[str]:
+    """Columns present in a results file (older files have no cca_default)."""
+    present = {r["aligner"] for fam in results["families"].values() for r in fam["records"]}
+    return [c for c in COLUMNS if c in present or c in ("base", "ensemble")]
 
 
 # --------------------------------------------------------------------------
@@ -119,7 +139,7 @@ def parse_args(argv=None):
                         help="resize images to this size (default: half the native size)")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every family's epochs")
     parser.add_argument("--augment", default=None, help="training augmentation (crop, flip, crop_flip)")
-    parser.add_argument("--grid", default=None, help="CCA regularization grid (default 0.001,0.01,0.1,0.3,1)")
+    parser.add_argument("--grid", default=None, help="CCA regularization grid (default 0.01,0.1,0.3,1)")
     parser.add_argument("--cv", type=int, default=None, help="GridSearchCV folds (default 2)")
     parser.add_argument("--cv-sets", type=int, default=None,
                         help="model sets per number of models on which GridSearchCV runs; the other sets "
@@ -139,7 +159,7 @@ def parse_args(argv=None):
     defaults = dict(dataset="digits" if quick else "fashion-mnist", n_models="2,3" if quick else "2,3,5,8",
                     sets=1 if quick else 3, n_train=600 if quick else 5000,
                     n_heldout=300 if quick else 2000, n_test=599 if quick else 2000,
-                    grid="0.1,1" if quick else "0.001,0.01,0.1,0.3,1", cv=2, cv_sets=1)
+                    grid="0.1,1" if quick else "0.01,0.1,0.3,1", cv=2, cv_sets=1)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -166,7 +186,8 @@ def config_of(args) -> dict:
             "n_heldout": args.n_heldout, "n_test": args.n_test, "n_models": args.n_models,
             "sets": args.sets, "grid": args.grid, "cv": args.cv, "cv_sets": args.cv_sets,
             "epochs_scale": args.epochs_scale, "augment": args.augment, "seed": args.seed,
-            "skewed": not args.no_skewed, "quick": args.quick, "threads": args.threads}
+            "skewed": not args.no_skewed, "quick": args.quick, "threads": args.threads,
+            "cca_default": _default_regularization()}
 
 
 # --------------------------------------------------------------------------
@@ -292,7 +313,7 @@ def merge_set(models, members, heldout, test_labels, test, logits, args, record,
     record("base", float(np.mean([accuracy_of_logits(logits[i], test_labels) for i in members])))
     record("ensemble", ensemble_of_logits([logits[i] for i in members], test_labels))
     for key, aligner in [("identity", IdentityAligner()), ("permutation", PermutationAligner()),
-                         ("cca_auto", CCAAligner(regularization="auto"))]:
+                         ("cca_auto", CCAAligner(regularization="auto")), ("cca_default", CCAAligner())]:
         merger, seconds, caught = _fit(chosen_models, aligner, X_align)
         extra = {"fit_seconds": seconds, "warnings": caught}
         if key == "cca_auto":
@@ -395,12 +416,13 @@ def _chosen(fam: dict, experiment: str, n: int) -> str:
 
 def make_tables(results: dict) -> dict[str, tuple[list, list]]:
     fams = results["families"]
-    head = [LABELS[c] for c in COLUMNS]
+    labels, columns = labels_for(results), columns_for(results)
+    head = [labels[c] for c in columns]
     tables = {}
     rows = []
     for fam in fams.values():
         if 2 in results["config"]["n_models"] and fam["records"]:
-            cells = [pm(_values(fam, "n_models", 2, c)) for c in COLUMNS]
+            cells = [pm(_values(fam, "n_models", 2, c)) for c in columns]
             cells[-1] += f" (r={_chosen(fam, 'n_models', 2)})"
             rows.append([fam["label"]] + cells)
     tables["two_models"] = (["family"] + head, rows)
@@ -409,7 +431,7 @@ def make_tables(results: dict) -> dict[str, tuple[list, list]]:
         for n in results["config"]["n_models"]:
             if not _values(fam, "n_models", n, "base"):
                 continue
-            cells = [pm(_values(fam, "n_models", n, c)) for c in COLUMNS]
+            cells = [pm(_values(fam, "n_models", n, c)) for c in columns]
             rows.append([fam["label"], n] + cells + [_chosen(fam, "n_models", n)])
     tables["n_models"] = (["family", "models"] + head + ["chosen r"], rows)
     rows = []
@@ -417,7 +439,7 @@ def make_tables(results: dict) -> dict[str, tuple[list, list]]:
         if "skewed_models" not in fam or not _values(fam, "skewed", 2, "base"):
             continue
         a, b = fam["skewed_models"]
-        cells = [pm(_values(fam, "skewed", 2, c)) for c in COLUMNS[1:]]
+        cells = [pm(_values(fam, "skewed", 2, c)) for c in columns[1:]]
         cells[-1] += f" (r={_chosen(fam, 'skewed', 2)})"
         rows.append([fam["label"], f"{100 * a['accuracy']:.1f}", f"{100 * b['accuracy']:.1f}"] + cells)
     tables["skewed"] = (["family", "model A", "model B"] + head[1:], rows)
@@ -489,19 +511,21 @@ def _mean(values) -> float | None:
 def headline(results: dict) -> str:
     """Generated bullet list: per family, accuracies at 2 models and at the largest number."""
     ns = results["config"]["n_models"]
+    labels, columns = labels_for(results), columns_for(results)
+    aligners = [c for c in columns if c in ALIGNERS]
     lines = []
     for fam in results["families"].values():
         if not fam["records"]:
             continue
         parts = []
         for n in sorted({min(ns), max(ns)}):
-            vals = {c: _mean(_values(fam, "n_models", n, c)) for c in COLUMNS}
+            vals = {c: _mean(_values(fam, "n_models", n, c)) for c in columns}
             if vals["base"] is None:
                 continue
-            best = max(ALIGNERS, key=lambda c: vals[c])
+            best = max(aligners, key=lambda c: vals[c])
             parts.append(
-                f"{n} models: " + ", ".join(f"{LABELS[c]} {100 * vals[c]:.1f}" for c in COLUMNS)
-                + f" (best merge: {LABELS[best]}, {100 * (vals[best] - vals['ensemble']):+.1f} points "
+                f"{n} models: " + ", ".join(f"{labels[c]} {100 * vals[c]:.1f}" for c in columns)
+                + f" (best merge: {labels[best]}, {100 * (vals[best] - vals['ensemble']):+.1f} points "
                 f"vs the ensemble)")
         lines.append(f"- **{fam['label']}** -- " + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n"
@@ -520,12 +544,13 @@ def plot(results: dict, path: Path) -> None:
     fams = [f for f in results["families"].values() if f["records"]]
     if not fams:
         return
+    labels = labels_for(results)
     cols = min(3, len(fams))
     rows = (len(fams) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False,
                              constrained_layout=True)
     for ax, fam in zip(axes.flat, fams):
-        records = [{"aligner": LABELS[r["aligner"]], "n_models": r["n_models"], "accuracy": 100 * r["accuracy"]}
+        records = [{"aligner": labels[r["aligner"]], "n_models": r["n_models"], "accuracy": 100 * r["accuracy"]}
                    for r in fam["records"] if r["experiment"] == "n_models" and r["aligner"] != "base"]
         base = 100 * float(np.mean([m["accuracy"] for m in fam["models"]]))
         if plot_accuracy_vs_models is not None:
