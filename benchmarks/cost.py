@@ -137,11 +137,12 @@ def forward_bound(models, X, batch_size: int, device) -> tuple[float, float]:
     return forward, time.perf_counter() - start
 
 
-def timed_fit(models, X, args) -> dict:
+def timed_fit(models, X, args, precision: str = "auto") -> dict:
     _sync(args.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merger = ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device=args.device).fit(X)
+        merger = ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device=args.device,
+                             precision=precision).fit(X)
     _sync(args.device)
     return dict(merger.timings_)
 
@@ -160,10 +161,12 @@ def measure_fit(args) -> list[dict]:
         timed_fit(models[:2], X_all[:args.batch_size], args)
         for size in sizes:
             X = X_all[:size]
-            bounds, fits = [], []
+            bounds, fits, doubles = [], [], []
             for _ in range(args.repeats):
                 bounds.append(forward_bound(models, X, args.batch_size, args.device))
                 fits.append(timed_fit(models, X, args))
+                if size == max(sizes):  # the float64 products, for comparison
+                    doubles.append(timed_fit(models, X, args, precision="double"))
             forward = min(b[0] for b in bounds)
             bn = min(b[1] for b in bounds)
             fit = min(fits, key=lambda t: t["total"])
@@ -172,6 +175,9 @@ def measure_fit(args) -> list[dict]:
                    "ratio": fit["total"] / (forward + bn),
                    "all_forward": [b[0] for b in bounds], "all_bn": [b[1] for b in bounds],
                    "all_fit": [f["total"] for f in fits]}
+            if doubles:
+                double = min(doubles, key=lambda t: t["total"])
+                row.update({f"double_{k}": v for k, v in double.items()})
             rows.append(row)
             log(f"  fit n={n} N={size}: forward {forward:.2f} + BN {bn:.2f} s, fit {fit['total']:.2f} s "
                 f"(stats {fit['statistics']:.2f}, solve {fit['solve']:.2f}, transform {fit['transform']:.2f}, "
@@ -351,10 +357,13 @@ def make_tables(results: dict) -> dict:
                      f"{r['bound']:.2f}", f"{r['fit_total']:.2f}", f"{r['ratio']:.2f}",
                      f"{r['fit_statistics']:.2f}", f"{r['fit_statistics'] - r['forward']:.2f}",
                      f"{r['fit_solve']:.2f}", f"{r['fit_transform']:.2f}", f"{r['fit_reset_bn']:.2f}",
-                     f"{_other(r):.2f}"])
+                     f"{_other(r):.2f}",
+                     f"{r['double_total']:.2f}" if "double_total" in r else "-",
+                     f"{r['double_statistics']:.2f}" if "double_statistics" in r else "-"])
     tables["fit"] = (["models", "images", "forward (s)", "BN pass (s)", "bound (s)", "fit (s)",
                       "fit / bound", "statistics (s)", "statistics - forward (s)", "solve (s)",
-                      "transform (s)", "reset BN (s)", "other (s)"], rows)
+                      "transform (s)", "reset BN (s)", "other (s)", "fit, float64 products (s)",
+                      "statistics, float64 products (s)"], rows)
     rows = []
     mem = results.get("memory", [])
     for r in mem:
@@ -434,7 +443,10 @@ def headline(results: dict) -> str:
             f"(goal: at most 1.5). At {big['n_samples']} images the fit took {big['fit_total']:.1f} s: "
             f"statistics {big['fit_statistics']:.1f} s (of which forward passes {big['forward']:.1f} s), "
             f"solve {big['fit_solve']:.1f} s, transform {big['fit_transform']:.1f} s, "
-            f"BN re-estimation {big['fit_reset_bn']:.1f} s, other (tracing, validation) {_other(big):.1f} s.")
+            f"BN re-estimation {big['fit_reset_bn']:.1f} s, other (tracing, validation) {_other(big):.1f} s."
+            + (f" With float64 products (``precision=\"double\"``) the same fit took {big['double_total']:.1f} s "
+               f"(statistics {big['double_statistics']:.1f} s, ratio "
+               f"{big['double_total'] / big['bound']:.2f})." if "double_total" in big else ""))
     fitm = results.get("memory_fit")
     mem = results.get("memory", [])
     if fitm and mem:
@@ -446,7 +458,7 @@ def headline(results: dict) -> str:
             f"float64 comoments (an auto- and a cross-comoment per model, the reference's auto-comoment "
             f"once) plus the means. The rest is per-batch buffers held for every model at once: the "
             f"captured inputs of the tapped layers ({mem[-1]['captured_batch_mib']:.1f} MiB per model at "
-            f"batch size {results['config']['batch_size']}), their sample-matrix and float64 centered "
+            f"batch size {results['config']['batch_size']}), their sample-matrix and centered "
             f"copies, and allocator overhead; it scales with the batch size.")
     solve = results.get("solve", [])
     if solve:

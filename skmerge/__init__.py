@@ -19,6 +19,8 @@ _LAZY = {
     "ModelMerger": "skmerge.merge",
     "WeightMatchingMerger": "skmerge.weight_matching",
     "hierarchical_merge": "skmerge.hierarchical",
+    "ReferenceFreeMerger": "skmerge.reference_free",
+    "LearnedCoefficientMerger": "skmerge.coefficients",
     "find_spaces": "skmerge.graph",
     "permute_model": "skmerge.graph",
 }

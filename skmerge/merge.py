@@ -12,16 +12,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, clone
-from sklearn.metrics import accuracy_score
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
 
 from ._batches import as_loader, iter_inputs, split_batch
 from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
+from ._prediction import MergedModelClassifierMixin
 from .aligners import CCAAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
 from .graph import Space, apply_transforms, check_spaces, find_spaces
+from .repair import repair_
 from .stats import CrossCovariance, ReferenceCovariance
 
 __all__ = ["ModelMerger", "SmallSampleMergeWarning"]
@@ -31,7 +32,7 @@ class SmallSampleMergeWarning(UserWarning):
     """Too few alignment samples for a feature space's dimension."""
 
 
-class ModelMerger(BaseEstimator):
+class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     """Merge several networks of one architecture into one network.
 
     Every *feature space* of the architecture (a set of channels that must share
@@ -58,6 +59,17 @@ class ModelMerger(BaseEstimator):
     reset_bn : bool, default=True
         Re-estimate the merged model's BatchNorm running statistics on the
         alignment data (averaged statistics do not describe the merged model).
+    repair : bool, default=False
+        After averaging (and the BatchNorm reset), apply REPAIR (Jordan et al.,
+        ICLR 2023; :func:`skmerge.repair.repair_`): rescale and shift every
+        hidden channel of the merged model so that its mean and standard
+        deviation on the alignment data become the interpolation (with
+        ``weights``) of those of the aligned models, folded into the layers'
+        weights and biases (or BatchNorm affine parameters). It counters the
+        variance collapse of averaging and helps most in networks *without*
+        BatchNorm, where the BatchNorm reset has nothing to re-estimate; with
+        BatchNorm it also restores the scale of the BatchNorm outputs. Costs
+        one more pass over the data through all the models; needs ``X``.
     batch_size : int, default=128
         Batch size of the passes over array, tensor and Dataset inputs.
     device : {"auto"} or str or torch.device, default="auto"
@@ -69,6 +81,14 @@ class ModelMerger(BaseEstimator):
     self_check : bool, default=False
         Before merging, check that permuting every found space at random leaves
         the reference model's outputs unchanged (catches a wrong space).
+    precision : {"auto", "single", "double"}, default="auto"
+        Precision of the per-batch products of the statistics
+        (:class:`~skmerge.stats.ReferenceCovariance`); the means and the
+        accumulation across batches are float64 in every case. ``"single"``
+        computes each batch's products in float32 (several times faster on
+        CPUs) with a relative error below 1e-5 that does not grow with the
+        number of batches; ``"double"`` computes them in float64. ``"auto"`` follows
+        the models: ``"double"`` for float64 models, ``"single"`` otherwise.
     verbose : bool, default=False
         Show progress bars.
 
@@ -97,8 +117,8 @@ class ModelMerger(BaseEstimator):
         Device used.
     timings_ : dict
         Seconds spent in ``"statistics"`` (forward passes and accumulation),
-        ``"solve"``, ``"transform"`` (weights and averaging), ``"reset_bn"``
-        and ``"total"``.
+        ``"solve"``, ``"transform"`` (weights and averaging), ``"reset_bn"``,
+        ``"repair"`` (only with ``repair=True``) and ``"total"``.
 
     Examples
     --------
@@ -120,10 +140,12 @@ class ModelMerger(BaseEstimator):
         reference: int = 0,
         weights=None,
         reset_bn: bool = True,
+        repair: bool = False,
         batch_size: int = 128,
         device="auto",
         spaces=None,
         self_check: bool = False,
+        precision: str = "auto",
         verbose: bool = False,
     ):
         self.models = models
@@ -131,10 +153,12 @@ class ModelMerger(BaseEstimator):
         self.reference = reference
         self.weights = weights
         self.reset_bn = reset_bn
+        self.repair = repair
         self.batch_size = batch_size
         self.device = device
         self.spaces = spaces
         self.self_check = self_check
+        self.precision = precision
         self.verbose = verbose
 
     # ------------------------------------------------------------------ sklearn
@@ -244,6 +268,10 @@ class ModelMerger(BaseEstimator):
         reference = self._validated_reference(n_models)
         self.weights_ = self._validated_weights(n_models)
         self._check_method_params()
+        repair = getattr(self, "repair", False)  # absent in mergers pickled before it existed
+        if repair and X is None:
+            raise ValueError("repair=True needs data: REPAIR measures the activations of the merged "
+                             "and the aligned models. Call fit(X), or pass repair=False.")
         self.device_ = self._resolved_device()
         loader = as_loader(X, self.batch_size) if X is not None else None
         example = self._example(loader)
@@ -281,6 +309,17 @@ class ModelMerger(BaseEstimator):
             else:
                 reset_bn_stats(merged_model, loader, device=self.device_, verbose=self._show_progress())
         self.timings_["reset_bn"] = time.perf_counter() - tick
+        if repair:
+            tick = time.perf_counter()
+            aligned = []  # the base models in the reference's basis (aligned_state_dicts)
+            for state in self._aligned_states(working):
+                model = copy.deepcopy(merged_model)
+                model.load_state_dict(state)
+                aligned.append(model.eval())
+            repair_(merged_model, aligned, self.weights_, loader, batch_size=self.batch_size,
+                    device=self.device_, spaces=self.spaces_, verbose=self._show_progress())
+            del aligned
+            self.timings_["repair"] = time.perf_counter() - tick
         self.timings_["total"] = time.perf_counter() - start
 
         self.merged_model_ = merged_model
@@ -296,6 +335,8 @@ class ModelMerger(BaseEstimator):
 
     # Steps that other mergers (weight matching) replace.
     def _check_method_params(self) -> None:
+        if self.precision not in ("auto", "single", "double"):
+            raise ValueError(f"precision must be 'auto', 'single' or 'double', got {self.precision!r}.")
         if not hasattr(self.aligner, "fit_from_stats"):
             raise TypeError(
                 f"aligner must be a skmerge aligner with fit_from_stats, got {type(self.aligner).__name__}."
@@ -338,28 +379,36 @@ class ModelMerger(BaseEstimator):
             check_spaces(reference_model, example, spaces)
         return spaces
 
+    def _statistics_precision(self, dtype: torch.dtype) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "double" if dtype == torch.float64 else "single"
+
     @torch.no_grad()
-    def _accumulate(self, models, reference, loader, spaces, dtype):
-        """One pass over the data through every model, accumulating per-space statistics."""
-        statistics = [ReferenceCovariance(len(models), reference=reference) for _ in spaces]
-        taps_by_module = defaultdict(list)  # module path -> [(space index, tap)]
-        for index, space in enumerate(spaces):
-            for tap in space.taps:
-                taps_by_module[tap.module].append((index, tap))
+    def _accumulate(self, models, reference, loader, spaces, dtype, statistics_type=ReferenceCovariance):
+        """One pass over the data through every model, accumulating per-space statistics.
+
+        ``statistics_type(n_views, reference=, precision=)`` makes each
+        space's accumulator (the reference-free merger keeps all pairs).
+        """
+        precision = self._statistics_precision(dtype)
+        statistics = [statistics_type(len(models), reference=reference, precision=precision)
+                      for _ in spaces]
         n_seen = 0
-        batches = tqdm(iter_inputs(loader, self.device_, dtype), total=len(loader),
-                       desc="Alignment statistics", disable=not self._show_progress(), leave=False)
-        for inputs in batches:
-            captured = [_capture_inputs(model, taps_by_module.keys(), inputs) for model in models]
-            for module, entries in taps_by_module.items():
-                # A module called several times (shared weights) is observed at every call.
-                for call in range(len(captured[0][module])):
-                    for index, tap in entries:
-                        views = [tap.extract(by_module[module][call]) for by_module in captured]
-                        _check_finite(views, spaces[index], index)
-                        statistics[index].update(views)
-            del captured
-            n_seen += len(inputs)
+        for n_inputs, observations in self._observations(models, loader, spaces, dtype):
+            for index, views in observations:
+                try:
+                    statistics[index].update(views)
+                except ValueError as error:
+                    if "NaN or infinity" not in str(error):
+                        raise
+                    # Name the space and the model (the statistics know neither).
+                    model = next(k for k, view in enumerate(views) if not bool(torch.isfinite(view).all()))
+                    raise ValueError(
+                        f"Non-finite activations (NaN or inf) in space {index} ({spaces[index].name}) "
+                        f"of model {model}; check the model's weights and the input data."
+                    ) from None
+            n_seen += n_inputs
         if n_seen == 0:
             raise ValueError("The alignment data X is empty.")
         statistics = all_reduce_statistics(statistics)
@@ -367,6 +416,26 @@ class ModelMerger(BaseEstimator):
             n_seen = int(all_reduce_sum_(torch.tensor([n_seen], dtype=torch.int64,
                                                       device=self.device_)).item())
         return statistics, n_seen
+
+    def _observations(self, models, loader, spaces, dtype):
+        """Run every model on each batch; yield ``(n_inputs, [(space index, views)])``.
+
+        ``views[k]`` is model ``k``'s ``(n_samples, dim)`` sample matrix of a
+        tap. Taps that read the same tensor (a residual block's first
+        convolution and its projection shortcut) are observed once, so no
+        sample counts twice.
+        """
+        taps_by_module = defaultdict(list)  # module path -> [(space index, tap)]
+        for index, space in enumerate(spaces):
+            for tap in space.taps:
+                taps_by_module[tap.module].append((index, tap))
+        batches = tqdm(iter_inputs(loader, self.device_, dtype), total=len(loader),
+                       desc="Alignment statistics", disable=not self._show_progress(), leave=False)
+        for inputs in batches:
+            captured = [_capture_inputs(model, taps_by_module.keys(), inputs) for model in models]
+            # Lazy: one tap's views exist at a time (they are reshaped copies).
+            yield len(inputs), _tap_views(captured, taps_by_module)
+            del captured
 
     def _solve(self, spaces, statistics, n_models, reference):
         aligners = []
@@ -488,81 +557,6 @@ class ModelMerger(BaseEstimator):
         return int(output.shape[-1])
 
     # --------------------------------------------------------------- inference
-    @torch.no_grad()
-    def predict_logits(self, X) -> np.ndarray:
-        """Outputs (logits) of the merged model, as a numpy array.
-
-        Parameters
-        ----------
-        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
-            Inputs, or batches of ``(x, y)``.
-
-        Returns
-        -------
-        numpy.ndarray of shape (n_samples, n_outputs)
-        """
-        check_is_fitted(self, "merged_model_")
-        model = self.merged_model_
-        dtype = next(model.parameters()).dtype
-        loader = as_loader(X, self.batch_size)
-        n_features = getattr(self, "n_features_in_", None)
-        if n_features is not None and isinstance(X, (torch.Tensor, np.ndarray)) and X.shape[1] != n_features:
-            raise ValueError(f"X has {X.shape[1]} features, but ModelMerger is expecting "
-                             f"{n_features} features as input.")
-        outputs = [model(inputs).float().cpu() for inputs in iter_inputs(loader, self.device_, dtype)]
-        if not outputs:
-            raise ValueError("X is empty.")
-        return torch.cat(outputs).numpy()
-
-    def predict_proba(self, X) -> np.ndarray:
-        """Softmax of the merged model's outputs.
-
-        Parameters
-        ----------
-        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
-
-        Returns
-        -------
-        numpy.ndarray of shape (n_samples, n_classes)
-        """
-        return torch.softmax(torch.from_numpy(self.predict_logits(X)), dim=1).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        """Class index with the largest output of the merged model.
-
-        Parameters
-        ----------
-        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
-
-        Returns
-        -------
-        numpy.ndarray of shape (n_samples,)
-        """
-        indices = self.predict_logits(X).argmax(axis=1)
-        # classes_ is arange(n_outputs); a data-free fit (weight matching) may lack it.
-        classes = getattr(self, "classes_", None)
-        return indices if classes is None else classes[indices]
-
-    def score(self, X, y=None, sample_weight=None) -> float:
-        """Accuracy of the merged model.
-
-        Parameters
-        ----------
-        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
-            Inputs, or a dataset/loader of ``(x, y)`` batches when ``y`` is None.
-        y : array-like of shape (n_samples,), optional
-            True labels; taken from the batches of ``X`` when None.
-        sample_weight : array-like of shape (n_samples,), optional
-
-        Returns
-        -------
-        float
-        """
-        if y is None:
-            y = _labels_of(as_loader(X, self.batch_size))
-        return float(accuracy_score(np.asarray(torch.as_tensor(y).cpu()), self.predict(X),
-                                    sample_weight=sample_weight))
-
     # ------------------------------------------------------------- persistence
     def __getstate__(self):
         # Modules go to the CPU so that a merger saved on a GPU machine loads on
@@ -670,13 +664,23 @@ def _capture_inputs(model: nn.Module, module_paths, inputs) -> dict:
     return captured
 
 
-def _check_finite(views, space: Space, index: int) -> None:
-    for k, view in enumerate(views):
-        if not bool(torch.isfinite(view).all()):
-            raise ValueError(
-                f"Non-finite activations (NaN or inf) in space {index} ({space.name}) of model {k}; "
-                "check the model's weights and the input data."
-            )
+def _tap_views(captured, taps_by_module):
+    seen = set()
+    for module, entries in taps_by_module.items():
+        # A module called several times (shared weights) is observed at every call.
+        for call in range(len(captured[0][module])):
+            tensors = [by_module[module][call] for by_module in captured]
+            identity = tuple(_tensor_identity(t) for t in tensors)
+            for index, tap in entries:
+                key = (index, tap.axis, tap.offset, tap.block, tap.dim, identity)
+                if key not in seen:
+                    seen.add(key)
+                    yield index, [tap.extract(t) for t in tensors]
+
+
+def _tensor_identity(tensor: torch.Tensor) -> tuple:
+    """Equal for two captured tensors exactly when they view the same memory the same way."""
+    return (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
 
 
 def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
@@ -698,13 +702,3 @@ def _module_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-def _labels_of(loader) -> torch.Tensor:
-    labels = []
-    for batch in loader:
-        _, y = split_batch(batch)
-        if y is None:
-            raise ValueError("score needs labels: pass y, or X yielding (x, y) batches.")
-        labels.append(torch.as_tensor(y).cpu())
-    return torch.cat(labels)

@@ -213,8 +213,13 @@ class WeightMatchingMerger(ModelMerger):
         running statistics and a ``UserWarning`` says so (pass
         ``reset_bn=False`` to silence it, or call ``fit(X)`` or
         :func:`skmerge.batchnorm.reset_bn_stats` later).
+    repair : bool, default=False
+        Apply REPAIR after averaging (see :class:`~skmerge.ModelMerger` and
+        :func:`skmerge.repair.repair_`): renormalize the merged model's hidden
+        channels to the interpolated statistics of the permuted models. It
+        needs ``X``: ``fit()`` without data raises a ``ValueError``.
     batch_size : int, default=128
-        Batch size of the BatchNorm pass over ``X``.
+        Batch size of the BatchNorm and REPAIR passes over ``X``.
     device : {"auto"} or str or torch.device, default="auto"
         Where the matching (float64 products) and averaging run.
     spaces : list of skmerge.graph.Space, optional
@@ -256,7 +261,8 @@ class WeightMatchingMerger(ModelMerger):
         Device used.
     timings_ : dict
         Seconds spent in ``"solve"`` (the matching), ``"transform"``,
-        ``"reset_bn"`` and ``"total"`` (``"statistics"`` is 0).
+        ``"reset_bn"``, ``"repair"`` (only with ``repair=True``) and ``"total"``
+        (``"statistics"`` is 0).
 
     Notes
     -----
@@ -286,6 +292,7 @@ class WeightMatchingMerger(ModelMerger):
         reference: int = 0,
         weights=None,
         reset_bn: bool = True,
+        repair: bool = False,
         batch_size: int = 128,
         device="auto",
         spaces=None,
@@ -299,6 +306,7 @@ class WeightMatchingMerger(ModelMerger):
         self.reference = reference
         self.weights = weights
         self.reset_bn = reset_bn
+        self.repair = repair
         self.batch_size = batch_size
         self.device = device
         self.spaces = spaces
@@ -316,7 +324,8 @@ class WeightMatchingMerger(ModelMerger):
         X : torch.Tensor, numpy.ndarray, Dataset or DataLoader, optional
             Not needed for the matching. When given, its first batch serves
             to find the spaces (if ``example_input`` is None) and the whole of
-            it to re-estimate the BatchNorm statistics (``reset_bn``).
+            it to re-estimate the BatchNorm statistics (``reset_bn``) and for
+            REPAIR (``repair``).
         y : ignored
 
         Returns

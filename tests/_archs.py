@@ -256,3 +256,39 @@ ARCHITECTURES = {
     "cat": CatNet,
     "norm": NormNet,
 }
+
+
+# ----------------------------------------------------------- shared test models
+def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
+    """Give BatchNorm layers non-trivial statistics and affine parameters, as a trained model has."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
+            module.weight.data.copy_(1 + 0.2 * torch.randn(shape, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(shape, generator=generator))
+    return model
+
+
+def make_model(name: str, seed: int, dtype=torch.float64) -> nn.Module:
+    """``ARCHITECTURES[name]`` seeded, with randomized BatchNorm, in evaluation mode."""
+    torch.manual_seed(seed)
+    model = ARCHITECTURES[name]().to(dtype)
+    return randomize_batchnorm(model, seed).eval()
+
+
+def digits_mlps(n_models: int, epochs: int = 40):
+    """``n_models`` MLPs 64-64 trained on digits with seeds 0, 1, ...; also the train and test sets."""
+    from skmerge.datasets import load_digits
+    from skmerge.models import get_model
+    from skmerge.training import train_model
+
+    train = load_digits("train")
+    models = []
+    for seed in range(n_models):
+        torch.manual_seed(seed)
+        model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
+        models.append(train_model(model, train, epochs=epochs, seed=seed))
+    return models, train, load_digits("test")

@@ -595,3 +595,26 @@ def test_docstring_examples_run():
                    skmerge.aligners._permutation):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_cca_factors_the_shared_reference_once_and_never_serves_stale_roots(monkeypatch):
+    from skmerge.aligners import _cca
+    from skmerge.stats import ReferenceCovariance
+
+    calls = []
+    original = _cca._sqrt_and_inv_sqrt
+    monkeypatch.setattr(_cca, "_sqrt_and_inv_sqrt", lambda cov: calls.append(cov.shape) or original(cov))
+    rng = np.random.default_rng(0)
+    views = [rng.normal(size=(300, 6)) for _ in range(4)]
+    stats = ReferenceCovariance(4, reference=0).update(views)
+    fitted = [CCAAligner().fit_from_stats(stats.pair(k)) for k in (1, 2, 3)]
+    assert len(calls) == 3 + 1  # one S_xx per model, the reference's S_yy once
+    for k, aligner in zip((1, 2, 3), fitted):
+        direct = CCAAligner().fit(views[k], views[0])
+        np.testing.assert_allclose(aligner.mapping_.numpy(), direct.mapping_, atol=1e-10)
+    # New samples rebind the comoments: the next fit sees the new reference covariance.
+    more = [rng.normal(size=(100, 6)) * 3 for _ in range(4)]
+    stats.update(more)
+    refit = CCAAligner().fit_from_stats(stats.pair(1))
+    direct = CCAAligner().fit(np.vstack([views[1], more[1]]), np.vstack([views[0], more[0]]))
+    np.testing.assert_allclose(refit.mapping_.numpy(), direct.mapping_, atol=1e-10)

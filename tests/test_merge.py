@@ -21,33 +21,11 @@ import _archs
 
 torch.set_num_threads(2)
 
-ARCHITECTURES = {
-    "mlp": _archs.MLP,
-    "vgg": _archs.VGGBN,
-    "resnet": _archs.CifarResNet,
-    "resnet18": _archs.ResNet18Like,
-    "cat": _archs.CatNet,
-    "norm": _archs.NormNet,
-}
+ARCHITECTURES = _archs.ARCHITECTURES
 
 
 def _make(name, seed, dtype=torch.float64):
-    torch.manual_seed(seed)
-    model = ARCHITECTURES[name]().to(dtype)
-    _randomize_batchnorm(model, seed)
-    return model.eval()
-
-
-def _randomize_batchnorm(model, seed):
-    """Give BatchNorm layers non-trivial statistics, as a trained model has."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            shape = module.running_mean.shape
-            module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
-            module.weight.data.copy_(1 + 0.2 * torch.randn(shape, generator=generator))
-            module.bias.data.copy_(0.1 * torch.randn(shape, generator=generator))
+    return _archs.make_model(name, seed, dtype)
 
 
 def _inputs(name, n, seed=0, dtype=torch.float64):
@@ -290,23 +268,9 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # ------------------------------------------------------ scikit-learn integration
-def _digits_models(n_models, epochs=40):
-    from skmerge.datasets import load_digits
-    from skmerge.models import get_model
-    from skmerge.training import train_model
-
-    train = load_digits("train")
-    models = []
-    for seed in range(n_models):
-        torch.manual_seed(seed)
-        model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
-        models.append(train_model(model, train, epochs=epochs, seed=seed))
-    return models, train, load_digits("test")
-
-
 @pytest.fixture(scope="module")
 def digits_models():
-    return _digits_models(4)
+    return _archs.digits_mlps(4)
 
 
 def test_grid_search_over_the_aligner_regularization(digits_models):
@@ -377,3 +341,48 @@ def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         check(estimator)
+
+
+class _TwoReaders(nn.Module):
+    """Two consumers read the same hidden tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0 = nn.Linear(5, 8)
+        self.head_a = nn.Linear(8, 3)
+        self.head_b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc0(x))
+        return self.head_a(h) + self.head_b(h)
+
+
+def test_taps_reading_the_same_tensor_count_each_sample_once():
+    torch.manual_seed(0)
+    models = [_TwoReaders().double() for _ in range(2)]
+    inputs = torch.randn(40, 5, dtype=torch.float64)
+    merger = ModelMerger(models, PermutationAligner(), device="cpu", batch_size=16).fit(inputs)
+    (space,), (stats,) = merger.spaces_, merger.statistics_
+    assert sorted(tap.module for tap in space.taps) == ["head_a", "head_b"]
+    # Both heads read h: each input is one sample, not two.
+    assert stats.n_samples_ == 40
+    with torch.no_grad():
+        hidden = [torch.relu(model.fc0(inputs)) for model in models]
+    torch.testing.assert_close(stats.covariance(1), torch.cov(hidden[1].T))
+    torch.testing.assert_close(stats.cross_covariance(1), torch.cov(torch.cat(hidden, 1).T)[8:, :8])
+
+
+def test_precision_follows_the_models_and_single_matches_double():
+    models = [_make("mlp", seed) for seed in range(3)]
+    inputs = _inputs("mlp", 300)
+    auto = ModelMerger(models, CCAAligner(), device="cpu").fit(inputs)
+    single = ModelMerger(models, CCAAligner(), device="cpu", precision="single").fit(inputs)
+    assert {s.precision for s in auto.statistics_} == {"double"}  # float64 models
+    assert {s.precision for s in single.statistics_} == {"single"}
+    for a, b in zip(auto.merged_model_.state_dict().values(), single.merged_model_.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    float32 = [_make("mlp", seed, dtype=torch.float32) for seed in range(2)]
+    merger = ModelMerger(float32, CCAAligner(), device="cpu").fit(inputs.float())
+    assert {s.precision for s in merger.statistics_} == {"single"}
+    with pytest.raises(ValueError, match="precision must be"):
+        ModelMerger(models, device="cpu", precision="float16").fit(inputs)

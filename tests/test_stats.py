@@ -263,3 +263,43 @@ def test_cuda_statistics_stay_on_device_and_pickle_to_cpu():
     torch.testing.assert_close(loaded.to(device).covariance_xy(), stats.covariance_xy())
     ref = ReferenceCovariance(2).update([torch.from_numpy(X).to(device)] * 2)
     assert ref.pair(1).device.type == "cuda"
+
+
+def test_single_precision_products_agree_with_double():
+    # Large offsets and many batches: the float64 means and accumulation keep
+    # single-precision products as accurate as one batch's float32 rounding.
+    rng = np.random.default_rng(3)
+    X = (1e3 + rng.normal(size=(3000, 6)) @ rng.normal(size=(6, 6))).astype(np.float32)
+    Y = (-5e2 + rng.normal(size=(3000, 4))).astype(np.float32)
+    Y[:, :2] += X[:, :2]
+    double, single = CrossCovariance(), CrossCovariance(precision="single")
+    for start in range(0, 3000, 100):
+        double.update(torch.from_numpy(X[start:start + 100]), torch.from_numpy(Y[start:start + 100]))
+        single.update(torch.from_numpy(X[start:start + 100]), torch.from_numpy(Y[start:start + 100]))
+    exact = np.cov(X.astype(np.float64).T, Y.astype(np.float64).T)
+    torch.testing.assert_close(double.covariance_xy().numpy(), exact[:6, 6:], rtol=1e-12, atol=1e-12)
+    scale = np.abs(exact).max()
+    for stats in (single,):
+        assert stats.covariance_xy().dtype == torch.float64
+        np.testing.assert_allclose(stats.covariance_xx().numpy(), exact[:6, :6], rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(stats.covariance_xy().numpy(), exact[:6, 6:], rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(stats.mean_x_.numpy(), X.astype(np.float64).mean(0), rtol=1e-12)
+    # The error is float32 rounding, not zero: the option does change the arithmetic.
+    assert not torch.equal(single.covariance_xx(), double.covariance_xx())
+
+
+def test_precision_is_validated_kept_by_pairs_and_pickles():
+    with pytest.raises(ValueError, match="precision must be"):
+        CrossCovariance(precision="half")
+    with pytest.raises(ValueError, match="precision must be"):
+        ReferenceCovariance(2, precision="float32")
+    rng = np.random.default_rng(0)
+    stats = ReferenceCovariance(2, precision="single").update([rng.normal(size=(20, 3))] * 2)
+    assert stats.pair(1).precision == "single"
+    assert pickle.loads(pickle.dumps(stats)).precision == "single"
+    # Objects pickled before the option existed load as double precision.
+    state = stats.__getstate__()
+    del state["precision"]
+    old = object.__new__(ReferenceCovariance)
+    old.__setstate__(state)
+    assert old.precision == "double"

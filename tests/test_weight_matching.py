@@ -11,7 +11,6 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
-from torch import nn
 
 from skmerge import IdentityAligner, ModelMerger
 from skmerge.batchnorm import reset_bn_stats
@@ -27,16 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _make(name, seed, dtype=torch.float64):
-    torch.manual_seed(seed)
-    model = _archs.ARCHITECTURES[name]().to(dtype)
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():  # non-trivial BatchNorm statistics, as in a trained model
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            shape = module.running_mean.shape
-            module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
-            module.weight.data.copy_(1 + 0.2 * torch.randn(shape, generator=generator))
-    return model.eval()
+    return _archs.make_model(name, seed, dtype)
 
 
 def _inputs(name, n, seed=0):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -57,6 +58,28 @@ def _sqrt_and_inv_sqrt(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     root = torch.where(keep, safe.sqrt(), torch.zeros_like(evals))
     inv_root = torch.where(keep, safe.rsqrt(), torch.zeros_like(evals))
     return (evecs * root) @ evecs.T, (evecs * inv_root) @ evecs.T
+
+
+# The merger fits one aligner per model against the same reference statistics
+# (ReferenceCovariance.pair shares the reference's comoment tensor), so the
+# reference's S_yy^(+-1/2) is computed once per space instead of once per model.
+# Keyed by the identity of that comoment tensor (statistics only ever rebind new
+# tensors, never update one in place); an entry dies with its tensor.
+_REFERENCE_ROOTS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _reference_roots(stats: CrossCovariance, s_yy: torch.Tensor, r_y: float):
+    comoment = stats._moments[1, 1]
+    key = id(comoment)
+    entry = _REFERENCE_ROOTS.get(key)
+    if entry is None or entry[0]() is not comoment:
+        entry = (weakref.ref(comoment, lambda _, key=key: _REFERENCE_ROOTS.pop(key, None)), {})
+        _REFERENCE_ROOTS[key] = entry
+    roots = entry[1]
+    setting = (stats.n_samples_, float(r_y))
+    if setting not in roots:
+        roots[setting] = _sqrt_and_inv_sqrt(_shrink(s_yy, r_y))
+    return roots[setting]
 
 
 class CCAAligner(BaseAligner):
@@ -157,7 +180,7 @@ class CCAAligner(BaseAligner):
                     stacklevel=4,
                 )
         sqrt_xx, inv_sqrt_xx = _sqrt_and_inv_sqrt(_shrink(s_xx, r_x))
-        sqrt_yy, inv_sqrt_yy = _sqrt_and_inv_sqrt(_shrink(s_yy, r_y))
+        sqrt_yy, inv_sqrt_yy = _reference_roots(stats, s_yy, r_y)
         u, s, vh = torch.linalg.svd(inv_sqrt_xx @ s_xy @ inv_sqrt_yy, full_matrices=False)
         # Polar factor over the canonical directions that carry correlation.
         # Directions with (numerically) zero correlation, e.g. units that are
