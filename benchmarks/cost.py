@@ -456,10 +456,10 @@ def headline(results: dict) -> str:
             f"R^2 = {fitm['r2']:.3f}). The accumulated statistics are a small part of it: "
             f"{mem[-1]['statistics_mib']:.1f} MiB for {mem[-1]['n_models']} models, (2 n_models - 1) sum(d^2) "
             f"float64 comoments (an auto- and a cross-comoment per model, the reference's auto-comoment "
-            f"once) plus the means. The rest is per-batch buffers held for every model at once: the "
-            f"captured inputs of the tapped layers ({mem[-1]['captured_batch_mib']:.1f} MiB per model at "
-            f"batch size {results['config']['batch_size']}), their sample-matrix and centered "
-            f"copies, and allocator overhead; it scales with the batch size.")
+            f"once) plus the means. The rest is the per-batch buffers of two models at a time (the reference and the model being "
+            f"processed: captured inputs of the tapped layers, {mem[-1]['captured_batch_mib']:.1f} MiB "
+            f"per model at batch size {results['config']['batch_size']}, and their centered copies), "
+            f"the averaged weights and allocator overhead.")
     solve = results.get("solve", [])
     if solve:
         last = solve[-1]

@@ -394,21 +394,41 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         precision = self._statistics_precision(dtype)
         statistics = [statistics_type(len(models), reference=reference, precision=precision)
                       for _ in spaces]
+        taps_by_module = defaultdict(list)  # module path -> [(space index, tap)]
+        for index, space in enumerate(spaces):
+            for tap in space.taps:
+                taps_by_module[tap.module].append((index, tap))
+        # The reference first, then the other models one at a time: a batch's
+        # activations are held for two models at most, not for all of them.
+        order = [reference] + [k for k in range(len(models)) if k != reference]
         n_seen = 0
-        for n_inputs, observations in self._observations(models, loader, spaces, dtype):
-            for index, views in observations:
-                try:
-                    statistics[index].update(views)
-                except ValueError as error:
-                    if "NaN or infinity" not in str(error):
-                        raise
-                    # Name the space and the model (the statistics know neither).
-                    model = next(k for k, view in enumerate(views) if not bool(torch.isfinite(view).all()))
-                    raise ValueError(
-                        f"Non-finite activations (NaN or inf) in space {index} ({spaces[index].name}) "
-                        f"of model {model}; check the model's weights and the input data."
-                    ) from None
-            n_seen += n_inputs
+        batches = tqdm(iter_inputs(loader, self.device_, dtype), total=len(loader),
+                       desc="Alignment statistics", disable=not self._show_progress(), leave=False)
+        for inputs in batches:
+            pending = None  # [(module, call, space index, tap, batch statistics)]
+            for k in order:
+                captured = _capture_inputs(models[k], taps_by_module.keys(), inputs)
+                if pending is None:
+                    pending = [(module, call, index, tap, statistics[index]._batch())
+                               for module, call, index, tap in _distinct_taps(captured, taps_by_module)]
+                for module, call, index, tap, batch in pending:
+                    calls = captured[module]
+                    if call >= len(calls):
+                        raise RuntimeError(f"Model {k} called {module!r} fewer times than the reference.")
+                    try:
+                        batch.add(k, tap.extract(calls[call]))
+                    except ValueError as error:
+                        if "NaN or infinity" not in str(error):
+                            raise
+                        # Name the space and the model (the statistics know neither).
+                        raise ValueError(
+                            f"Non-finite activations (NaN or inf) in space {index} "
+                            f"({spaces[index].name}) of model {k}; check the model's weights and "
+                            "the input data.") from None
+                del captured
+            for *_, batch in pending:
+                batch.commit()
+            n_seen += len(inputs)
         if n_seen == 0:
             raise ValueError("The alignment data X is empty.")
         statistics = all_reduce_statistics(statistics)
@@ -416,26 +436,6 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             n_seen = int(all_reduce_sum_(torch.tensor([n_seen], dtype=torch.int64,
                                                       device=self.device_)).item())
         return statistics, n_seen
-
-    def _observations(self, models, loader, spaces, dtype):
-        """Run every model on each batch; yield ``(n_inputs, [(space index, views)])``.
-
-        ``views[k]`` is model ``k``'s ``(n_samples, dim)`` sample matrix of a
-        tap. Taps that read the same tensor (a residual block's first
-        convolution and its projection shortcut) are observed once, so no
-        sample counts twice.
-        """
-        taps_by_module = defaultdict(list)  # module path -> [(space index, tap)]
-        for index, space in enumerate(spaces):
-            for tap in space.taps:
-                taps_by_module[tap.module].append((index, tap))
-        batches = tqdm(iter_inputs(loader, self.device_, dtype), total=len(loader),
-                       desc="Alignment statistics", disable=not self._show_progress(), leave=False)
-        for inputs in batches:
-            captured = [_capture_inputs(model, taps_by_module.keys(), inputs) for model in models]
-            # Lazy: one tap's views exist at a time (they are reshaped copies).
-            yield len(inputs), _tap_views(captured, taps_by_module)
-            del captured
 
     def _solve(self, spaces, statistics, n_models, reference):
         aligners = []
@@ -664,18 +664,21 @@ def _capture_inputs(model: nn.Module, module_paths, inputs) -> dict:
     return captured
 
 
-def _tap_views(captured, taps_by_module):
+def _distinct_taps(captured, taps_by_module):
+    """``(module, call, space index, tap)`` of every observation of one model's forward pass.
+
+    A module called several times (shared weights) is observed at every call.
+    Taps that read the same tensor (a residual block's first convolution and
+    its projection shortcut) are listed once, so no sample counts twice.
+    """
     seen = set()
     for module, entries in taps_by_module.items():
-        # A module called several times (shared weights) is observed at every call.
-        for call in range(len(captured[0][module])):
-            tensors = [by_module[module][call] for by_module in captured]
-            identity = tuple(_tensor_identity(t) for t in tensors)
+        for call, tensor in enumerate(captured[module]):
             for index, tap in entries:
-                key = (index, tap.axis, tap.offset, tap.block, tap.dim, identity)
+                key = (index, tap.axis, tap.offset, tap.block, tap.dim, _tensor_identity(tensor))
                 if key not in seen:
                     seen.add(key)
-                    yield index, [tap.extract(t) for t in tensors]
+                    yield module, call, index, tap
 
 
 def _tensor_identity(tensor: torch.Tensor) -> tuple:

@@ -148,6 +148,22 @@ def _checked_precision(precision: Any) -> str:
     return precision
 
 
+def _centered(tensor: torch.Tensor, mean: torch.Tensor, precision: str) -> torch.Tensor:
+    # "double": centering promotes float32 to float64 (exact), in one pass and
+    # one new tensor, and the products are float64. "single": the batch is
+    # centered and multiplied in float32 (several times faster on CPUs); the
+    # batch means and the accumulation across batches stay float64, so the
+    # rounding error is that of one batch's products and does not grow with
+    # the number of batches.
+    if precision == "single":
+        return tensor.to(torch.float32) - mean.to(torch.float32)
+    return tensor - mean
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.T @ b).to(torch.float64)
+
+
 def _feature_index(features, n_features: int, device) -> torch.Tensor:
     """A LongTensor of feature positions from a slice or a sequence of ints."""
     if isinstance(features, slice):
@@ -204,18 +220,12 @@ class _ComomentAccumulator:
                         f"{name} has {t.shape[1]} features, but earlier batches had "
                         f"{mean.shape[0]}."
                     )
-        # "double": centering promotes float32 to float64 (exact), in one pass
-        # and one new tensor per view, and the products are float64. "single":
-        # the batch is centered and multiplied in float32 (several times faster
-        # on CPUs); the batch means and the accumulation across batches stay
-        # float64, so the rounding error is that of one batch's products and
-        # does not grow with the number of batches.
-        if self.precision == "single":
-            centered = [t.to(torch.float32) - m.to(torch.float32) for t, m in zip(tensors, means_b)]
-        else:
-            centered = [t - m for t, m in zip(tensors, means_b)]
+        centered = [_centered(t, m, self.precision) for t, m in zip(tensors, means_b)]
         del tensors
-        moments_b = {(i, j): (centered[i].T @ centered[j]).to(torch.float64) for (i, j) in self._pairs}
+        moments_b = {(i, j): _product(centered[i], centered[j]) for (i, j) in self._pairs}
+        self._add_batch(n_batch, means_b, moments_b)
+
+    def _add_batch(self, n_batch: int, means_b: list, moments_b: dict) -> None:
         if self._means is None:
             # Establish shapes and device even for an empty first batch.
             self.n_samples_, self._means, self._moments = n_batch, means_b, moments_b
@@ -223,6 +233,10 @@ class _ComomentAccumulator:
             self.n_samples_, self._means, self._moments = _chan_merge(
                 self.n_samples_, self._means, self._moments, n_batch, means_b, moments_b
             )
+
+    def _batch(self) -> "_ViewByViewBatch":
+        """Start a batch whose views are given one at a time (see :class:`_ViewByViewBatch`)."""
+        return _ViewByViewBatch(self)
 
     def _merged(self, other: "_ComomentAccumulator") -> "_ComomentAccumulator":
         if type(other) is not type(self) or self._pairs != other._pairs:
@@ -323,6 +337,68 @@ class _ComomentAccumulator:
     def __setstate__(self, state: dict) -> None:
         # Tensors stay on the CPU; owners (the aligners) move them back.
         self.__dict__.update(state)
+
+
+class _ViewByViewBatch:
+    """One batch of an accumulator's views, given one view at a time.
+
+    Each view is validated and centered when it arrives, and its products with
+    the views already given are computed at once; a centered view is kept only
+    while a pair with a view still to come needs it. For star statistics given
+    the reference first, only the reference's view and the current one are in
+    memory, instead of every view of the batch (what lets the merger run the
+    models one after the other). :meth:`commit` adds the batch to the
+    accumulator, exactly as one ``update`` with all views would.
+    """
+
+    def __init__(self, owner: _ComomentAccumulator) -> None:
+        self.owner = owner
+        self.n_samples: int | None = None
+        self.means: dict[int, torch.Tensor] = {}
+        self.moments: dict[tuple[int, int], torch.Tensor] = {}
+        self._kept: dict[int, torch.Tensor] = {}
+        self._device = owner.device
+
+    def add(self, k: int, data: Any, name: str | None = None) -> None:
+        """Validate, center and multiply view ``k`` of this batch."""
+        name = name or f"views[{k}]"
+        owner = self.owner
+        if not 0 <= k < owner._n_views or k in self.means:
+            raise ValueError(f"{name}: view {k} is out of range or was already given for this batch.")
+        tensor = _checked_batch(data, name, self._device)
+        if self._device is None:
+            self._device = tensor.device  # the first view fixes the device of a first batch
+        if self.n_samples is None:
+            self.n_samples = tensor.shape[0]
+        elif tensor.shape[0] != self.n_samples:
+            raise ValueError(f"Inconsistent numbers of samples: earlier views of this batch have "
+                             f"{self.n_samples}, {name} has {tensor.shape[0]}.")
+        if owner._means is not None and tensor.shape[1] != owner._means[k].shape[0]:
+            raise ValueError(f"{name} has {tensor.shape[1]} features, but earlier batches had "
+                             f"{owner._means[k].shape[0]}.")
+        mean = _checked_mean(tensor, name)
+        centered = _centered(tensor, mean, owner.precision)
+        del tensor
+        self.means[k] = mean
+        given = self.means.keys()
+        for i, j in owner._pairs:
+            if k in (i, j) and i in given and j in given:
+                left = centered if i == k else self._kept[i]
+                right = centered if j == k else self._kept[j]
+                self.moments[i, j] = _product(left, right)
+        self._kept[k] = centered
+        for view in list(self._kept):  # drop views no pending pair needs
+            if not any(view in pair and not set(pair) <= given for pair in owner._pairs):
+                del self._kept[view]
+
+    def commit(self) -> None:
+        """Add the batch to the accumulator (every view must have been given)."""
+        missing = sorted(set(range(self.owner._n_views)) - self.means.keys())
+        if missing:
+            raise ValueError(f"Views {missing} of this batch were never given.")
+        means = [self.means[k] for k in range(self.owner._n_views)]
+        self.owner._add_batch(self.n_samples, means, self.moments)
+        self._kept.clear()
 
 
 # --------------------------------------------------------------------------

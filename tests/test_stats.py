@@ -303,3 +303,44 @@ def test_precision_is_validated_kept_by_pairs_and_pickles():
     old = object.__new__(ReferenceCovariance)
     old.__setstate__(state)
     assert old.precision == "double"
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_views_given_one_at_a_time_equal_one_update(precision):
+    # The merger runs the models one after the other: the reference's view
+    # first, then each other view; only the views a pending pair needs are kept.
+    rng = np.random.default_rng(5)
+    together = ReferenceCovariance(3, reference=1, precision=precision)
+    apart = ReferenceCovariance(3, reference=1, precision=precision)
+    for _ in range(4):
+        views = [(rng.normal(size=(40, d)) + 5).astype(np.float32) for d in (4, 3, 5)]
+        together.update(views)
+        batch = apart._batch()
+        batch.add(1, views[1])
+        for k in (0, 2):
+            batch.add(k, views[k])
+            assert list(batch._kept) == ([1] if k == 0 else [])
+        batch.commit()
+    assert apart.n_samples_ == together.n_samples_ == 160
+    for k in range(3):
+        assert torch.equal(apart.means_[k], together.means_[k])
+        torch.testing.assert_close(apart.covariance(k), together.covariance(k), rtol=0, atol=1e-12)
+        torch.testing.assert_close(apart.cross_covariance(k), together.cross_covariance(k), rtol=0, atol=1e-12)
+
+
+def test_views_given_one_at_a_time_are_validated():
+    rng = np.random.default_rng(0)
+    stats = ReferenceCovariance(2).update([rng.normal(size=(10, 3)), rng.normal(size=(10, 2))])
+    batch = stats._batch()
+    batch.add(0, rng.normal(size=(10, 3)))
+    with pytest.raises(ValueError, match="already given"):
+        batch.add(0, rng.normal(size=(10, 3)))
+    with pytest.raises(ValueError, match="Inconsistent numbers of samples"):
+        batch.add(1, rng.normal(size=(9, 2)))
+    with pytest.raises(ValueError, match="earlier batches had 2"):
+        batch.add(1, rng.normal(size=(10, 4)))
+    with pytest.raises(ValueError, match=r"Views \[1\] of this batch were never given"):
+        batch.commit()
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        batch.add(1, np.full((10, 2), np.nan))
+    assert stats.n_samples_ == 10  # nothing of the failed batch was added
