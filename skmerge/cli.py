@@ -200,6 +200,7 @@ _MERGE_EPILOG = """\
 examples:
   skmerge merge runs/mlp_seed0.pt runs/mlp_seed1.pt --dataset digits --out merged.pt
   skmerge merge runs/*.pt --dataset digits --aligner permutation --out perm.pt
+  skmerge merge runs/*.pt --dataset digits --reference-free --repair --out free.pt
   skmerge merge a.pt b.pt --dataset cifar10 --data-root ~/data \\
       --regularization 0.1 --n-align 10000 --out merged.pt
   skmerge merge a_state_dict.pt b_state_dict.pt --model vgg11 --width 0.5 \\
@@ -346,11 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how to align the features (default: cca)")
     merge.add_argument("--regularization", type=_regularization, default=None, metavar="R",
                        help="CCA shrinkage in [0, 1], or 'auto' for Oracle Approximating "
-                            "Shrinkage (default: auto)")
+                            "Shrinkage (default: CCAAligner's, 0.3)")
     merge.add_argument("--reference", type=_int_at_least(0), default=0, metavar="K",
                        help="index of the checkpoint the others are aligned to (default: 0)")
     merge.add_argument("--weights", type=_float_list, default=None, metavar="W1,W2,...",
                        help="averaging weights, one per checkpoint (default: uniform)")
+    merge.add_argument("--reference-free", action="store_true",
+                       help="align all models to their common barycenter instead of to the "
+                            "reference (ReferenceFreeMerger; --reference is its starting point)")
+    merge.add_argument("--repair", action="store_true",
+                       help="after averaging, rescale every channel to the interpolated "
+                            "activation statistics of the aligned models (REPAIR)")
     merge.add_argument("--n-align", type=_int_at_least(1), default=None, metavar="N",
                        help="align on N random training images (default: all of them)")
     merge.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
@@ -716,6 +723,7 @@ def _merge(args: argparse.Namespace) -> int:
     from . import __version__
     from ._demo import make_aligner
     from .merge import ModelMerger
+    from .reference_free import ReferenceFreeMerger
     from .training import evaluate
 
     n = len(args.checkpoints)
@@ -746,9 +754,11 @@ def _merge(args: argparse.Namespace) -> int:
         x = x[torch.from_numpy(np.sort(rows))]
 
     models = [model for _, model, _ in loaded]
-    say(f"merging {n} models with {args.aligner} on {len(x)} {args.dataset} training images")
-    merger = ModelMerger(models, make_aligner(args.aligner, args.regularization),
-                         reference=args.reference, weights=args.weights,
+    method = ", ".join([args.aligner] + ["reference-free"] * args.reference_free + ["REPAIR"] * args.repair)
+    say(f"merging {n} models ({method}) on {len(x)} {args.dataset} training images")
+    merger_type = ReferenceFreeMerger if args.reference_free else ModelMerger
+    merger = merger_type(models, make_aligner(args.aligner, args.regularization),
+                         reference=args.reference, weights=args.weights, repair=args.repair,
                          batch_size=args.batch_size, device=device, verbose=not args.quiet)
     merger.fit(x)
     merged = merger.merged_model_.cpu()
@@ -762,16 +772,17 @@ def _merge(args: argparse.Namespace) -> int:
     acc, loss = _ensemble_scores(models, test, device)
     rows.append([f"ensemble of {n}", _fmt(acc), _fmt(loss)])
     s = evaluate(merged, test, device=device)
-    rows.append([f"merged ({args.aligner})", _fmt(s["accuracy"]), _fmt(s["loss"])])
+    rows.append([f"merged ({method})", _fmt(s["accuracy"]), _fmt(s["loss"])])
 
     aligner_params = {k: v for k, v in merger.aligner.get_params(deep=False).items()}
     _save(merged, out, dataset=args.dataset, merged_from=[str(p) for p in args.checkpoints],
           aligner=args.aligner, aligner_params=aligner_params, reference=args.reference,
+          reference_free=args.reference_free, repair=args.repair,
           weights=[float(w) for w in merger.weights_], n_align=len(x),
           test_accuracy=s["accuracy"], test_loss=s["loss"], merge_seconds=seconds,
           skmerge_version=__version__)
     print(_table(["model", "test accuracy", "test loss"], rows))
-    print(f"\nmerge time {seconds:.2f} s ({args.aligner}, reference {args.reference}, "
+    print(f"\nmerge time {seconds:.2f} s ({method}, reference {args.reference}, "
           f"aligned on {len(x)} training images); wrote {out}")
     return 0
 

@@ -428,3 +428,25 @@ def test_every_command_line_aligner_name_builds_its_aligner():
     assert all(hasattr(aligner, "fit_from_stats") for aligner in built.values())
     with pytest.raises(ValueError, match="cca aligner only"):
         make_aligner("ot", regularization=0.1)
+
+
+def test_merge_reference_free_with_repair(capsys, trained, tmp_path, digits):
+    from skmerge import PermutationAligner
+    from skmerge.reference_free import ReferenceFreeMerger
+
+    train, test = digits
+    a, b = sorted(map(str, trained.glob("*.pt")))
+    out_path = tmp_path / "free.pt"
+    code, out, _ = run(capsys, "merge", a, b, "--dataset", "digits", "--aligner", "permutation",
+                       "--reference-free", "--repair", "--out", out_path, *FAST)
+    assert code == 0, out
+    meta = torch.load(out_path, weights_only=True)["metadata"]
+    assert (meta["reference_free"], meta["repair"]) == (True, True)
+    rows = {r[0]: r[1:] for r in table_rows(out, "model")}
+    label = "merged (permutation, reference-free, REPAIR)"
+    assert label in rows
+    expected = ReferenceFreeMerger([load_model(a)[0], load_model(b)[0]], PermutationAligner(),
+                                   repair=True).fit(train.tensors[0])
+    assert float(rows[label][0]) == pytest.approx(expected.score(test), abs=5e-5)
+    merged, _ = load_model(out_path)
+    assert float(rows[label][0]) == pytest.approx(evaluate(merged, test)["accuracy"], abs=5e-5)
