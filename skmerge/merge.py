@@ -416,7 +416,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
                     if call >= len(calls):
                         raise RuntimeError(f"Model {k} called {module!r} fewer times than the reference.")
                     try:
-                        batch.add(k, tap.extract(calls[call]))
+                        batch.add(k, tap.extract_grouped(calls[call]))
                     except ValueError as error:
                         if "NaN or infinity" not in str(error):
                             raise

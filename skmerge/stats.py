@@ -39,6 +39,7 @@ consistent snapshot that later updates of its parent never change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ __all__ = ["CrossCovariance", "ReferenceCovariance"]
 # --------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------
-def _checked_batch(data: Any, name: str, device: torch.device | None) -> torch.Tensor:
+def _checked_batch(data: Any, name: str, device: torch.device | None, grouped: bool = False) -> torch.Tensor:
     """Validate one 2-D batch (type, device, shape); its values are checked by :func:`_checked_mean`.
 
     ``device`` is the device of the accumulated statistics (``None`` before the
@@ -88,6 +89,8 @@ def _checked_batch(data: Any, name: str, device: torch.device | None) -> torch.T
         tensor = torch.from_numpy(array)
         if device is not None:
             tensor = tensor.to(device)
+    if grouped and tensor.ndim == 3:  # (n_groups, group_size, n_features), internal
+        return tensor
     if tensor.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (n_samples, n_features), got shape {tuple(tensor.shape)}."
@@ -104,10 +107,10 @@ def _checked_mean(tensor: torch.Tensor, name: str) -> torch.Tensor:
     Only when a mean is not finite are the values themselves examined: a batch
     of finite float64 values whose sum overflows is accepted, as before.
     """
-    if tensor.shape[0] == 0:
-        return torch.zeros(tensor.shape[1], dtype=torch.float64, device=tensor.device)
+    if tensor.numel() == 0:
+        return torch.zeros(tensor.shape[-1], dtype=torch.float64, device=tensor.device)
     # dtype=float64: float32 input is converted before it is summed.
-    mean = tensor.mean(dim=0, dtype=torch.float64)
+    mean = tensor.mean(dim=tuple(range(tensor.ndim - 1)), dtype=torch.float64)
     if not bool(torch.isfinite(mean).all()) and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or infinity.")
     return mean
@@ -161,6 +164,13 @@ def _centered(tensor: torch.Tensor, mean: torch.Tensor, precision: str) -> torch
 
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum over samples of a_s b_s^T`` for (n, p) and (n, q), or grouped (g, m, p) and (g, m, q)."""
+    if a.ndim == 3:
+        if a.shape[1] >= 2 * max(a.shape[2], b.shape[2]):
+            # Large groups (convolution inputs with many positions per image):
+            # one product per group on the tensors' own layout, no copy.
+            return torch.bmm(a.transpose(1, 2), b).sum(0).to(torch.float64)
+        a, b = a.reshape(-1, a.shape[2]), b.reshape(-1, b.shape[2])
     return (a.T @ b).to(torch.float64)
 
 
@@ -360,21 +370,31 @@ class _ViewByViewBatch:
         self._device = owner.device
 
     def add(self, k: int, data: Any, name: str | None = None) -> None:
-        """Validate, center and multiply view ``k`` of this batch."""
+        """Validate, center and multiply view ``k`` of this batch.
+
+        ``data`` is ``(n_samples, d_k)``, or ``(n_groups, group_size, d_k)``
+        (:meth:`skmerge.graph.Tap.extract_grouped`), whose samples are all
+        ``n_groups * group_size`` rows; every view of a batch must have the
+        same samples in the same order.
+        """
         name = name or f"views[{k}]"
         owner = self.owner
         if not 0 <= k < owner._n_views or k in self.means:
             raise ValueError(f"{name}: view {k} is out of range or was already given for this batch.")
-        tensor = _checked_batch(data, name, self._device)
+        tensor = _checked_batch(data, name, self._device, grouped=True)
         if self._device is None:
             self._device = tensor.device  # the first view fixes the device of a first batch
+        n_samples = math.prod(tensor.shape[:-1])
         if self.n_samples is None:
-            self.n_samples = tensor.shape[0]
-        elif tensor.shape[0] != self.n_samples:
+            self.n_samples, self._sample_shape = n_samples, tensor.shape[:-1]
+        elif n_samples != self.n_samples:
             raise ValueError(f"Inconsistent numbers of samples: earlier views of this batch have "
-                             f"{self.n_samples}, {name} has {tensor.shape[0]}.")
-        if owner._means is not None and tensor.shape[1] != owner._means[k].shape[0]:
-            raise ValueError(f"{name} has {tensor.shape[1]} features, but earlier batches had "
+                             f"{self.n_samples}, {name} has {n_samples}.")
+        elif tensor.shape[:-1] != self._sample_shape:
+            raise ValueError(f"{name} groups its samples as {tuple(tensor.shape[:-1])}, earlier views "
+                             f"of this batch as {tuple(self._sample_shape)}.")
+        if owner._means is not None and tensor.shape[-1] != owner._means[k].shape[0]:
+            raise ValueError(f"{name} has {tensor.shape[-1]} features, but earlier batches had "
                              f"{owner._means[k].shape[0]}.")
         mean = _checked_mean(tensor, name)
         centered = _centered(tensor, mean, owner.precision)

@@ -819,3 +819,28 @@ def test_float32_models_and_numpy_pairs():
     for key, value in model.state_dict().items():
         assert out[key].dtype == value.dtype
         torch.testing.assert_close(out[key], value)
+
+
+@pytest.mark.parametrize(
+    "tap, shape, grouped_shape",
+    [
+        (Tap("conv", 1, 0, 1, 6), (3, 6, 5, 4), (3, 20, 6)),       # conv input: a view per image
+        (Tap("conv", 1, 2, 1, 3), (3, 6, 5, 4), (3, 20, 3)),       # a channel range (torch.cat)
+        (Tap("conv1d", 1, 0, 1, 4), (2, 4, 7), (2, 7, 4)),
+        (Tap("fc", -1, 0, 1, 8), (5, 8), (1, 5, 8)),               # Linear input: one group
+        (Tap("fc", -1, 0, 4, 3), (5, 12), (1, 20, 3)),             # after a flatten of (3, 4)
+        (Tap("fc", -1, 0, 1, 6), (2, 3, 6), (1, 6, 6)),            # tokens
+    ],
+)
+def test_grouped_extraction_holds_the_same_samples_without_copying_conv_inputs(tap, shape, grouped_shape):
+    tensor = torch.randn(shape)
+    grouped = tap.extract_grouped(tensor)
+    assert tuple(grouped.shape) == grouped_shape
+    torch.testing.assert_close(grouped.reshape(-1, grouped.shape[-1]), tap.extract(tensor), rtol=0, atol=0)
+    # The same samples in the same order as the reference sample matrix.
+    reference = tensor.movedim(tap.axis, -1)
+    width = reference.shape[-1] // tap.block
+    reference = reference.reshape(*reference.shape[:-1], width, tap.block).movedim(-1, -2).reshape(-1, width)
+    torch.testing.assert_close(tap.extract(tensor), reference[:, tap.offset:tap.offset + tap.dim], rtol=0, atol=0)
+    if tap.axis == 1:
+        assert grouped.data_ptr() == tensor[:, tap.offset:].data_ptr()  # a view, no copy

@@ -344,3 +344,27 @@ def test_views_given_one_at_a_time_are_validated():
     with pytest.raises(ValueError, match="NaN or infinity"):
         batch.add(1, np.full((10, 2), np.nan))
     assert stats.n_samples_ == 10  # nothing of the failed batch was added
+
+
+def test_grouped_views_give_the_statistics_of_their_rows():
+    # Convolution inputs reach the statistics as (images, positions, channels)
+    # views; large groups are multiplied image by image, small ones as rows.
+    rng = np.random.default_rng(2)
+    for groups, size, d in [(6, 40, 5), (6, 3, 8)]:
+        x = torch.from_numpy(rng.normal(size=(groups, size, d)) + 2)
+        y = torch.from_numpy(rng.normal(size=(groups, size, d)))
+        y[..., :2] += x[..., :2]
+        flat = ReferenceCovariance(2).update([x.reshape(-1, d), y.reshape(-1, d)])
+        grouped = ReferenceCovariance(2)
+        batch = grouped._batch()
+        batch.add(0, x.transpose(1, 2).contiguous().transpose(1, 2))  # strided like a conv view
+        batch.add(1, y)
+        batch.commit()
+        assert grouped.n_samples_ == groups * size
+        for k in range(2):
+            torch.testing.assert_close(grouped.covariance(k), flat.covariance(k), rtol=0, atol=1e-12)
+            torch.testing.assert_close(grouped.cross_covariance(k), flat.cross_covariance(k), rtol=0, atol=1e-12)
+    batch = ReferenceCovariance(2)._batch()
+    batch.add(0, torch.zeros(4, 6, 3))
+    with pytest.raises(ValueError, match="groups its samples as"):
+        batch.add(1, torch.zeros(6, 4, 3))

@@ -165,23 +165,46 @@ class Tap:
             ``(n_samples, dim)`` matrix: every position other than the
             channel (batch, spatial, token and block positions) is a sample.
         """
-        x = tensor.movedim(self.axis, -1)
-        width = x.shape[-1]
+        grouped = self.extract_grouped(tensor)
+        return grouped.reshape(-1, grouped.shape[-1])
+
+    def extract_grouped(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The same samples as :meth:`extract`, as ``(n_groups, group_size, dim)``, without a copy where possible.
+
+        For a ``(N, C, *spatial)`` convolution input observed on axis 1 this is
+        a strided view ``(N, prod(spatial), dim)`` of the tensor itself (the
+        statistics then multiply it group by group instead of first copying it
+        into a sample matrix); otherwise one group holding :meth:`extract`'s
+        matrix.
+        """
+        if self.block == 1 and tensor.ndim >= 3 and self.axis in (1, 1 - tensor.ndim):
+            stop = self._stop(tensor)
+            grouped = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+            return grouped[:, self.offset : stop].transpose(1, 2)
+        return self._sample_matrix(tensor).unsqueeze(0)
+
+    def _stop(self, tensor: torch.Tensor) -> int:
+        width = tensor.shape[self.axis]
         if width % self.block:
             raise ValueError(
                 f"tap on {self.module!r}: axis of size {width} is not a multiple of block {self.block}"
             )
         n_channels = width // self.block
-        # channel c sits at c * block + j; the j's become samples
-        x = x.reshape(*x.shape[:-1], n_channels, self.block).movedim(-1, -2)
-        x = x.reshape(-1, n_channels)
         stop = n_channels if self.dim is None else self.offset + self.dim
         if stop > n_channels:
             raise ValueError(
                 f"tap on {self.module!r}: channels {self.offset}:{stop} exceed the {n_channels} "
                 "channels of the observed tensor"
             )
-        return x[:, self.offset : stop]
+        return stop
+
+    def _sample_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        stop = self._stop(tensor)
+        x = tensor.movedim(self.axis, -1)
+        n_channels = x.shape[-1] // self.block
+        # channel c sits at c * block + j; the j's become samples
+        x = x.reshape(*x.shape[:-1], n_channels, self.block).movedim(-1, -2)
+        return x.reshape(-1, n_channels)[:, self.offset : stop]
 
     def __repr__(self):
         extra = f", offset={self.offset}" if self.offset else ""
