@@ -181,6 +181,18 @@ def parse_args(argv=None):
     return args
 
 
+def benchmark_data(args) -> dict:
+    """The train / held-out / test subsets of the run (sets ``args.image_size`` when None)."""
+    from skmerge.datasets import dataset_info
+
+    native = dataset_info(args.dataset)["image_size"]
+    if args.image_size is None:
+        args.image_size = native if args.quick else native // 2
+    return load_benchmark_data(args.dataset, n_train=args.n_train, n_heldout=args.n_heldout,
+                               n_test=args.n_test, image_size=args.image_size, seed=args.seed,
+                               root=args.data_root)
+
+
 def config_of(args) -> dict:
     return {"dataset": args.dataset, "image_size": args.image_size, "n_train": args.n_train,
             "n_heldout": args.n_heldout, "n_test": args.n_test, "n_models": args.n_models,
@@ -588,14 +600,7 @@ def main(argv=None) -> dict:
         return results
     setup_torch(args.threads)
     start = time.perf_counter()
-    from skmerge.datasets import dataset_info
-
-    native = dataset_info(args.dataset)["image_size"]
-    if args.image_size is None:
-        args.image_size = native if args.quick else native // 2
-    data = load_benchmark_data(args.dataset, n_train=args.n_train, n_heldout=args.n_heldout,
-                               n_test=args.n_test, image_size=args.image_size, seed=args.seed,
-                               root=args.data_root)
+    data = benchmark_data(args)
     results = {"config": config_of(args), "machine": machine_info("cpu"), "command": " ".join(sys.argv),
                "families": {}}
     for name, family in args.family_specs.items():

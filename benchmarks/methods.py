@@ -46,7 +46,7 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 
 import accuracy  # noqa: E402
-from _common import (CACHE, GENERATED, RESULTS, load_benchmark_data, log, machine_info,  # noqa: E402
+from _common import (CACHE, GENERATED, RESULTS, log, machine_info,  # noqa: E402
                      machine_line, pm, read_json, rst_table, setup_torch, text_table, write_json,
                      write_text)
 from skmerge import (CCAAligner, IdentityAligner, ModelMerger, OptimalTransportAligner,  # noqa: E402
@@ -235,12 +235,7 @@ def main(argv=None) -> dict:
     setup_torch(args.threads)
     start = time.perf_counter()
     acc_args = args.accuracy
-    from skmerge.datasets import dataset_info
-
-    native = dataset_info(acc_args.dataset)["image_size"]
-    acc_args.image_size = native if acc_args.quick else native // 2
-    data = load_benchmark_data(acc_args.dataset, n_train=acc_args.n_train, n_heldout=acc_args.n_heldout,
-                               n_test=acc_args.n_test, image_size=acc_args.image_size, seed=acc_args.seed)
+    data = accuracy.benchmark_data(acc_args)
     results = {"machine": machine_info("cpu"), "command": " ".join(["python"] + sys.argv),
                "config": {"n_models": args.n_models, "sets": args.sets, "epochs": args.epochs,
                           "accuracy_config": accuracy.config_of(acc_args)}, "families": {}}

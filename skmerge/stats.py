@@ -67,8 +67,8 @@ def _checked_batch(data: Any, name: str, device: torch.device | None, grouped: b
     if isinstance(data, torch.Tensor):
         if device is not None and data.device != device:
             raise ValueError(
-                f"{name} is on device {data.device}, but the statistics are on "
-                f"{device}; move the batch or call .to() on the statistics first."
+                f"{name} is on device {data.device}, but the statistics (or the batch's other "
+                f"views) are on {device}; move the batch or call .to() on the statistics first."
             )
         if data.is_complex():
             raise ValueError(f"{name} is complex; only real-valued data is supported.")
@@ -205,35 +205,10 @@ class _ComomentAccumulator:
     def _update_views(self, views: Sequence[Any], names: Sequence[str]) -> None:
         if len(views) != self._n_views:
             raise ValueError(f"Expected {self._n_views} views, got {len(views)}.")
-        device = self.device
-        tensors, means_b = [], []
-        for view, name in zip(views, names):
-            tensor = _checked_batch(view, name, device)
-            tensors.append(tensor)
-            means_b.append(_checked_mean(tensor, name))
-        if device is None:
-            # The first batch fixes the device; all views must agree.
-            devices = {t.device for t in tensors}
-            if len(devices) > 1:
-                raise ValueError(f"All views must be on one device, got {sorted(map(str, devices))}.")
-        n_batch = tensors[0].shape[0]
-        for t, name in zip(tensors, names):
-            if t.shape[0] != n_batch:
-                raise ValueError(
-                    f"Inconsistent numbers of samples: {names[0]} has {n_batch}, "
-                    f"{name} has {t.shape[0]}."
-                )
-        if self._means is not None:
-            for t, mean, name in zip(tensors, self._means, names):
-                if t.shape[1] != mean.shape[0]:
-                    raise ValueError(
-                        f"{name} has {t.shape[1]} features, but earlier batches had "
-                        f"{mean.shape[0]}."
-                    )
-        centered = [_centered(t, m, self.precision) for t, m in zip(tensors, means_b)]
-        del tensors
-        moments_b = {(i, j): _product(centered[i], centered[j]) for (i, j) in self._pairs}
-        self._add_batch(n_batch, means_b, moments_b)
+        batch = self._batch()
+        for k, (view, name) in enumerate(zip(views, names)):
+            batch.add(k, view, name, grouped=False)
+        batch.commit()
 
     def _add_batch(self, n_batch: int, means_b: list, moments_b: dict) -> None:
         if self._means is None:
@@ -369,19 +344,21 @@ class _ViewByViewBatch:
         self._kept: dict[int, torch.Tensor] = {}
         self._device = owner.device
 
-    def add(self, k: int, data: Any, name: str | None = None) -> None:
+    def add(self, k: int, data: Any, name: str | None = None, grouped: bool = True) -> None:
         """Validate, center and multiply view ``k`` of this batch.
 
-        ``data`` is ``(n_samples, d_k)``, or ``(n_groups, group_size, d_k)``
-        (:meth:`skmerge.graph.Tap.extract_grouped`), whose samples are all
-        ``n_groups * group_size`` rows; every view of a batch must have the
-        same samples in the same order.
+        ``data`` is ``(n_samples, d_k)``, or with ``grouped``
+        ``(n_groups, group_size, d_k)`` (:meth:`skmerge.graph.Tap.extract_grouped`),
+        whose samples are all ``n_groups * group_size`` rows; every view of a
+        batch must have the same samples in the same order. Nothing reaches
+        the accumulator before :meth:`commit`, so a failed batch leaves it
+        unchanged.
         """
         name = name or f"views[{k}]"
         owner = self.owner
         if not 0 <= k < owner._n_views or k in self.means:
             raise ValueError(f"{name}: view {k} is out of range or was already given for this batch.")
-        tensor = _checked_batch(data, name, self._device, grouped=True)
+        tensor = _checked_batch(data, name, self._device, grouped=grouped)
         if self._device is None:
             self._device = tensor.device  # the first view fixes the device of a first batch
         n_samples = math.prod(tensor.shape[:-1])
@@ -679,13 +656,9 @@ class ReferenceCovariance(_MultiViewAccumulator):
     reference : int, default=0
         Index of the reference view.
     precision : {"double", "single"}, default="double"
-        Precision of each batch's centering and products. ``"double"``:
-        float64 throughout. ``"single"``: a batch is centered and multiplied
-        in float32 (several times faster on CPUs), while the batch means and the
-        accumulation across batches stay float64; the error is that of one
-        batch's float32 products (relative error below 1e-5, far below the
-        sampling error of a covariance) and does not grow with the number of
-        batches.
+        Precision of each batch's centering and products (see
+        :class:`CrossCovariance`); the means and the accumulation across
+        batches are float64 in both cases.
 
     Attributes
     ----------

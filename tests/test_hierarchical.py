@@ -93,17 +93,7 @@ def test_bad_inputs():
 
 @pytest.fixture(scope="module")
 def digits():
-    from skmerge.datasets import load_digits
-    from skmerge.models import get_model
-    from skmerge.training import train_model
-
-    train = load_digits("train")
-    models = []
-    for seed in range(4):
-        torch.manual_seed(seed)
-        model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
-        models.append(train_model(model, train, epochs=40, seed=seed))
-    return models, train, load_digits("test")
+    return _archs.digits_mlps(4)
 
 
 @pytest.mark.parametrize("n_models", [3, 4])

@@ -215,17 +215,7 @@ def test_modules_called_several_times_pool_all_calls():
 # ------------------------------------------------------------ a realistic case
 @pytest.fixture(scope="module")
 def digits_models():
-    from skmerge.datasets import load_digits
-    from skmerge.models import get_model
-    from skmerge.training import train_model
-
-    train = load_digits("train")
-    models = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
-        models.append(train_model(model, train, epochs=20, seed=seed))
-    return models, train, load_digits("test")
+    return _archs.digits_mlps(2, epochs=20)
 
 
 def _test_loss(merger, test):

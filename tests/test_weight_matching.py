@@ -135,16 +135,7 @@ def test_matched_permutation_follows_the_aligner_convention():
 
 # ------------------------------------------------------------------ real merge
 def test_weight_matching_beats_identity_averaging_on_digits():
-    from skmerge.datasets import load_digits
-    from skmerge.models import get_model
-    from skmerge.training import train_model
-
-    train, test = load_digits("train"), load_digits("test")
-    models = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
-        models.append(train_model(model, train, epochs=40, seed=seed))
+    models, train, test = _archs.digits_mlps(3)
     inputs, _ = train.tensors
     accuracy = {}
     for n in (2, 3):
