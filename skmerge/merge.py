@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._batches import as_loader, iter_inputs, split_batch
+from ._observe import BatchObserver
 from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
 from ._prediction import MergedModelClassifierMixin
 from .aligners import CCAAligner
@@ -405,29 +406,10 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         batches = tqdm(iter_inputs(loader, self.device_, dtype), total=len(loader),
                        desc="Alignment statistics", disable=not self._show_progress(), leave=False)
         for inputs in batches:
-            pending = None  # [(module, call, space index, tap, batch statistics)]
+            observer = BatchObserver(statistics, spaces, taps_by_module)
             for k in order:
-                captured = _capture_inputs(models[k], taps_by_module.keys(), inputs)
-                if pending is None:
-                    pending = [(module, call, index, tap, statistics[index]._batch())
-                               for module, call, index, tap in _distinct_taps(captured, taps_by_module)]
-                for module, call, index, tap, batch in pending:
-                    calls = captured[module]
-                    if call >= len(calls):
-                        raise RuntimeError(f"Model {k} called {module!r} fewer times than the reference.")
-                    try:
-                        batch.add(k, tap.extract_grouped(calls[call]))
-                    except ValueError as error:
-                        if "NaN or infinity" not in str(error):
-                            raise
-                        # Name the space and the model (the statistics know neither).
-                        raise ValueError(
-                            f"Non-finite activations (NaN or inf) in space {index} "
-                            f"({spaces[index].name}) of model {k}; check the model's weights and "
-                            "the input data.") from None
-                del captured
-            for *_, batch in pending:
-                batch.commit()
+                observer.run(models[k], k, inputs)
+            observer.commit()
             n_seen += len(inputs)
         if n_seen == 0:
             raise ValueError("The alignment data X is empty.")
@@ -643,47 +625,6 @@ def _normalized_weights(weights, n_models: int) -> np.ndarray:
 
 def _scaled(value: torch.Tensor, weight: float) -> torch.Tensor:
     return weight * value if value.is_floating_point() else value.clone()
-
-
-def _capture_inputs(model: nn.Module, module_paths, inputs) -> dict:
-    """Run ``model`` on ``inputs``; return, per named module, the inputs of all its calls."""
-    captured = defaultdict(list)
-    handles = []
-    for path in module_paths:
-        def hook(_module, args, _path=path):
-            captured[_path].append(args[0].detach())
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
-    try:
-        model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = set(module_paths) - captured.keys()
-    if missing:
-        raise RuntimeError(f"Modules {sorted(missing)} were never called in the forward pass.")
-    return captured
-
-
-def _distinct_taps(captured, taps_by_module):
-    """``(module, call, space index, tap)`` of every observation of one model's forward pass.
-
-    A module called several times (shared weights) is observed at every call.
-    Taps that read the same tensor (a residual block's first convolution and
-    its projection shortcut) are listed once, so no sample counts twice.
-    """
-    seen = set()
-    for module, entries in taps_by_module.items():
-        for call, tensor in enumerate(captured[module]):
-            for index, tap in entries:
-                key = (index, tap.axis, tap.offset, tap.block, tap.dim, _tensor_identity(tensor))
-                if key not in seen:
-                    seen.add(key)
-                    yield module, call, index, tap
-
-
-def _tensor_identity(tensor: torch.Tensor) -> tuple:
-    """Equal for two captured tensors exactly when they view the same memory the same way."""
-    return (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
 
 
 def _on_device(model: nn.Module, device: torch.device) -> nn.Module:

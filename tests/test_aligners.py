@@ -597,13 +597,55 @@ def test_docstring_examples_run():
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
+@pytest.mark.parametrize("regularization", [0.3, 1e-4, 1.0])
+def test_cca_cholesky_whitening_gives_the_symmetric_root_mapping(regularization):
+    # Shrinkage makes the covariances safely positive definite, so the solve
+    # whitens with Cholesky factors; the mapping must be the one of the
+    # symmetric inverse square roots written in the docstring.
+    from skmerge.aligners import _cca
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(400, 7)) @ rng.normal(size=(7, 7)) + 5.0
+    Y = np.maximum(X @ rng.normal(size=(7, 5)) + rng.normal(size=(400, 5)), 0.0)
+    fitted = CCAAligner(regularization=regularization).fit(X, Y)
+    cov = np.cov(np.hstack([X, Y]).T)
+    s_xx, s_yy, s_xy = cov[:7, :7], cov[7:, 7:], cov[:7, 7:]
+
+    def shrunk_roots(s):
+        s = (1 - regularization) * s + regularization * np.trace(s) / len(s) * np.eye(len(s))
+        evals, evecs = np.linalg.eigh(s)
+        return (evecs * np.sqrt(evals)) @ evecs.T, (evecs / np.sqrt(evals)) @ evecs.T
+
+    (root_x, inv_x), (root_y, inv_y) = shrunk_roots(s_xx), shrunk_roots(s_yy)
+    u, _, vt = np.linalg.svd(inv_x @ s_xy @ inv_y, full_matrices=False)
+    np.testing.assert_allclose(fitted.mapping_, inv_x @ u @ vt @ root_y, atol=1e-9)
+    np.testing.assert_allclose(fitted.inverse_mapping_, inv_y @ vt.T @ u.T @ root_x, atol=1e-9)
+    color, whiten = _cca._whitening(torch.as_tensor(s_xx), regularization)
+    assert torch.allclose(torch.triu(color), color)  # the Cholesky path was taken
+
+
+def test_cca_whitening_falls_back_to_the_pseudo_inverse_root_without_shrinkage():
+    # Rank-deficient covariance (a dead unit) and r = 0: no Cholesky factor
+    # exists; the symmetric pseudo-inverse root maps the dead direction to zero.
+    from skmerge.aligners import _cca
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(200, 4))
+    X[:, 2] = 0.0
+    cov = torch.as_tensor(np.cov(X.T))
+    color, whiten = _cca._whitening(cov, 0.0)
+    expected_root, expected_inverse = _cca._sqrt_and_inv_sqrt(cov)
+    assert torch.equal(color, expected_root) and torch.equal(whiten, expected_inverse)
+    assert torch.all(whiten[2] == 0)
+
+
 def test_cca_factors_the_shared_reference_once_and_never_serves_stale_roots(monkeypatch):
     from skmerge.aligners import _cca
     from skmerge.stats import ReferenceCovariance
 
     calls = []
-    original = _cca._sqrt_and_inv_sqrt
-    monkeypatch.setattr(_cca, "_sqrt_and_inv_sqrt", lambda cov: calls.append(cov.shape) or original(cov))
+    original = _cca._whitening
+    monkeypatch.setattr(_cca, "_whitening", lambda cov, r: calls.append(cov.shape) or original(cov, r))
     rng = np.random.default_rng(0)
     views = [rng.normal(size=(300, 6)) for _ in range(4)]
     stats = ReferenceCovariance(4, reference=0).update(views)

@@ -346,24 +346,50 @@ def test_views_given_one_at_a_time_are_validated():
     assert stats.n_samples_ == 10  # nothing of the failed batch was added
 
 
-def test_grouped_views_give_the_statistics_of_their_rows():
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_grouped_views_give_the_statistics_of_their_rows(precision):
     # Convolution inputs reach the statistics as (images, positions, channels)
-    # views; large groups are multiplied image by image, small ones as rows.
+    # views of NCHW tensors (features not the fastest axis, possibly a slice of
+    # the channels): they are centered into one feature-major block and give
+    # the statistics of their rows.
     rng = np.random.default_rng(2)
-    for groups, size, d in [(6, 40, 5), (6, 3, 8)]:
-        x = torch.from_numpy(rng.normal(size=(groups, size, d)) + 2)
-        y = torch.from_numpy(rng.normal(size=(groups, size, d)))
+    dtype = torch.float32 if precision == "single" else torch.float64
+    tolerance = 1e-5 if precision == "single" else 1e-12
+    for groups, size, d in [(6, 40, 5), (6, 3, 8), (1, 50, 4)]:
+        nchw = torch.from_numpy(rng.normal(size=(groups, d + 3, size)) + 2).to(dtype)
+        x = nchw[:, 1 : d + 1].transpose(1, 2)  # a channel slice, strided like a conv view
+        y = torch.from_numpy(rng.normal(size=(groups, size, d))).to(dtype)
         y[..., :2] += x[..., :2]
-        flat = ReferenceCovariance(2).update([x.reshape(-1, d), y.reshape(-1, d)])
-        grouped = ReferenceCovariance(2)
+        flat = ReferenceCovariance(2).update([x.reshape(-1, d).double(), y.reshape(-1, d).double()])
+        grouped = ReferenceCovariance(2, precision=precision)
         batch = grouped._batch()
-        batch.add(0, x.transpose(1, 2).contiguous().transpose(1, 2))  # strided like a conv view
+        batch.add(0, x)
         batch.add(1, y)
         batch.commit()
         assert grouped.n_samples_ == groups * size
         for k in range(2):
-            torch.testing.assert_close(grouped.covariance(k), flat.covariance(k), rtol=0, atol=1e-12)
-            torch.testing.assert_close(grouped.cross_covariance(k), flat.cross_covariance(k), rtol=0, atol=1e-12)
+            torch.testing.assert_close(grouped.means_[k], flat.means_[k], rtol=0, atol=tolerance)
+            torch.testing.assert_close(grouped.covariance(k), flat.covariance(k), rtol=0, atol=tolerance)
+            torch.testing.assert_close(grouped.cross_covariance(k), flat.cross_covariance(k), rtol=0, atol=tolerance)
+
+
+def test_single_precision_grouped_means_survive_float32_overflow_and_catch_nan():
+    # Per-group float32 partial sums overflow for values near float32's
+    # maximum: the mean falls back to a float64 sum instead of becoming inf.
+    x = torch.full((3, 2, 4), 3e38, dtype=torch.float32).transpose(1, 2)
+    stats = ReferenceCovariance(2, precision="single")
+    batch = stats._batch()
+    batch.add(0, x)
+    batch.add(1, torch.ones(3, 4, 2))
+    batch.commit()
+    np.testing.assert_allclose(stats.means_[0].numpy(), [3e38, 3e38], rtol=1e-6)
+    bad = x.clone()
+    bad[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        stats._batch().add(0, bad)
+
+
+def test_grouped_views_must_group_their_samples_alike():
     batch = ReferenceCovariance(2)._batch()
     batch.add(0, torch.zeros(4, 6, 3))
     with pytest.raises(ValueError, match="groups its samples as"):

@@ -60,9 +60,34 @@ def _sqrt_and_inv_sqrt(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (evecs * root) @ evecs.T, (evecs * inv_root) @ evecs.T
 
 
+def _whitening(cov: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K, W)`` with ``W^T S W = I`` and ``K = W^-1`` for the shrunk covariance ``S``.
+
+    CCA's mapping ``W_x U Vt K_y`` does not depend on which whitening is used:
+    any other is ``W Q`` with ``Q`` orthogonal, which rotates the singular
+    vectors of ``W_x^T S_xy W_y`` by the same ``Q`` and leaves the mapping
+    unchanged. Shrinkage ``r`` keeps every eigenvalue above ``r tr(S) / d``;
+    when that is far above the numerical-rank floor of
+    :func:`_sqrt_and_inv_sqrt` (``d eps lambda_max <= d eps tr(S)``), no
+    direction would be dropped and a Cholesky factor ``S = L L^T`` gives the
+    same mapping (``W = L^-T``, ``K = L^T``) at a fraction of an
+    eigendecomposition's cost. Otherwise (``r`` zero or tiny, a zero matrix)
+    the symmetric pseudo-inverse square root handles rank deficiency.
+    """
+    shrunk = _shrink(cov, r)
+    d = cov.shape[0]
+    if r > 1e3 * d * d * torch.finfo(cov.dtype).eps and float(torch.trace(cov)) > 0:
+        factor, info = torch.linalg.cholesky_ex(shrunk)
+        if int(info) == 0:
+            eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+            inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
+            return factor.T, inverse.T
+    return _sqrt_and_inv_sqrt(shrunk)
+
+
 # The merger fits one aligner per model against the same reference statistics
 # (ReferenceCovariance.pair shares the reference's comoment tensor), so the
-# reference's S_yy^(+-1/2) is computed once per space instead of once per model.
+# reference's whitening is computed once per space instead of once per model.
 # Keyed by the identity of that comoment tensor (statistics only ever rebind new
 # tensors, never update one in place); an entry dies with its tensor.
 _REFERENCE_ROOTS: dict[int, tuple[weakref.ref, dict]] = {}
@@ -78,7 +103,7 @@ def _reference_roots(stats: CrossCovariance, s_yy: torch.Tensor, r_y: float):
     roots = entry[1]
     setting = (stats.n_samples_, float(r_y))
     if setting not in roots:
-        roots[setting] = _sqrt_and_inv_sqrt(_shrink(s_yy, r_y))
+        roots[setting] = _whitening(s_yy, r_y)
     return roots[setting]
 
 
@@ -179,9 +204,9 @@ class CCAAligner(BaseAligner):
                     SmallSampleWarning,
                     stacklevel=4,
                 )
-        sqrt_xx, inv_sqrt_xx = _sqrt_and_inv_sqrt(_shrink(s_xx, r_x))
-        sqrt_yy, inv_sqrt_yy = _reference_roots(stats, s_yy, r_y)
-        u, s, vh = torch.linalg.svd(inv_sqrt_xx @ s_xy @ inv_sqrt_yy, full_matrices=False)
+        color_x, whiten_x = _whitening(s_xx, r_x)
+        color_y, whiten_y = _reference_roots(stats, s_yy, r_y)
+        u, s, vh = torch.linalg.svd(whiten_x.T @ s_xy @ whiten_y, full_matrices=False)
         # Polar factor over the canonical directions that carry correlation.
         # Directions with (numerically) zero correlation, e.g. units that are
         # dead on the data, have arbitrary singular vectors: mixing them would
@@ -190,8 +215,8 @@ class CCAAligner(BaseAligner):
         keep = s > tolerance
         rotation = u[:, keep] @ vh[keep]
         return {
-            "mapping_": inv_sqrt_xx @ rotation @ sqrt_yy,
-            "inverse_mapping_": inv_sqrt_yy @ rotation.T @ sqrt_xx,
+            "mapping_": whiten_x @ rotation @ color_y,
+            "inverse_mapping_": whiten_y @ rotation.T @ color_x,
             # Rounding can push perfect correlations a hair above 1.
             "canonical_correlations_": s.clamp(0.0, 1.0),
             "regularization_": (float(r_x), float(r_y)),

@@ -119,21 +119,37 @@ def permute_space_(tensors: dict, space: Space, perm) -> None:
         _scatter_(view, sl, positions, g[torch.as_tensor(perm, dtype=torch.long, device=t.device)])
 
 
+def _is_whole_axis(t: torch.Tensor, sl: ParamSlice, positions: torch.Tensor, k: int) -> bool:
+    """Whether ``sl`` owns every position of its axis, in order (most slices)."""
+    n = t.shape[sl.axis]
+    return k == 1 and positions.numel() == n and torch.equal(
+        positions, torch.arange(n, device=positions.device))
+
+
 def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
     """Transform the positions of ``sl`` in ``t`` (float64, contiguous) in place."""
-    view, positions, _, _ = _locate(t, sl)
+    view, positions, _, k = _locate(t, sl)
+    if _is_whole_axis(t, sl, positions, k):
+        # The slice is the whole axis: transform a view of it and copy the
+        # result back, without gathering and scattering its positions.
+        g = t.movedim(sl.axis, 0)
+        g.copy_(_transformed(g, sl, op, role, t.device))
+        return
     g = gather_slice(t, sl)  # channel, its k positions, everything else
+    _scatter_(view, sl, positions, _transformed(g, sl, op, role, t.device))
+
+
+def _transformed(g: torch.Tensor, sl: ParamSlice, op, role: str, device) -> torch.Tensor:
+    """``g`` (channels first) in the new basis of its space."""
     if op[0] == "perm":
-        g = g[op[1].to(t.device)]
-    elif role == "producers":
-        mapping = op[1].to(t.device)
+        return g[op[1].to(device)]
+    if role == "producers":
+        mapping = op[1].to(device)
         # rows: P' = mapping^T P ; variances: v' = (mapping**2)^T v
         mat = mapping.square() if sl.variance else mapping
-        g = torch.tensordot(mat.T, g, dims=1)
-    else:
-        # columns: C' = C inverse^T, i.e. new channel j = sum_i inverse[j, i] old channel i
-        g = torch.tensordot(op[2].to(t.device), g, dims=1)
-    _scatter_(view, sl, positions, g)
+        return torch.tensordot(mat.T, g, dims=1)
+    # columns: C' = C inverse^T, i.e. new channel j = sum_i inverse[j, i] old channel i
+    return torch.tensordot(op[2].to(device), g, dims=1)
 
 
 def apply_transforms(state_dict: dict, spaces: Sequence[Space], transforms: Sequence) -> dict:
