@@ -38,6 +38,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -55,6 +56,8 @@ from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner
 from skmerge.batchnorm import reset_bn_stats  # noqa: E402
 from skmerge.models import get_model  # noqa: E402
 from skmerge.stats import CrossCovariance  # noqa: E402
+
+MMAP_THRESHOLD = 65536  # bytes; glibc malloc setting of the memory runs
 
 
 def parse_args(argv=None):
@@ -276,7 +279,11 @@ def measure_memory(args) -> list[dict]:
                "--device", args.device, "--threads", str(args.threads), "--width", str(args.width),
                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
                "--memory-size", str(args.memory_size)]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        # Freed tensors go back to the system at once: with glibc's dynamic mmap
+        # threshold the peak of identical runs differed by up to 300 MiB,
+        # depending on the order of allocations.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         row = json.loads(result.stdout.strip().splitlines()[-1])
         rows.append(row)
         log(f"  memory n={n}: fit +{row['fit_extra_mib']:.0f} MiB over {row['baseline_mib']:.0f} MiB, "
@@ -420,7 +427,10 @@ def write_outputs(results: dict, args) -> None:
     meta = (f"ResNet20 x{cfg['width']:g} (untrained), Fashion-MNIST images at {cfg['image_size']}x"
             f"{cfg['image_size']}, batch size {cfg['batch_size']}, "
             f"CCAAligner(){f' (regularization={default})' if default is not None else ''}, device {cfg['device']}; "
-            f"{cfg['memory_size']} alignment images for the memory runs.{memo} "
+            f"{cfg['memory_size']} alignment images for the memory runs"
+            + (f" (glibc MALLOC_MMAP_THRESHOLD_={cfg['malloc_mmap_threshold']})"
+               if "malloc_mmap_threshold" in cfg else "")
+            + f".{memo} "
             f"Machine: {machine_line(results['machine'])} Wall time {results['wall_seconds'] / 60:.1f} min.\n")
     summary = headline(results)
     write_text(args.docs_dir / f"{args.doc_prefix}_meta.inc", meta)
@@ -510,7 +520,7 @@ def main(argv=None) -> dict | None:
     results = {"config": {"device": args.device, "width": args.width, "image_size": args.image_size,
                           "batch_size": args.batch_size, "fit_sizes": args.fit_sizes,
                           "repeats": args.repeats, "memory_models": args.memory_models,
-                          "memory_size": args.memory_size, "dims": args.dims, "threads": args.threads,
+                          "memory_size": args.memory_size, "malloc_mmap_threshold": MMAP_THRESHOLD, "dims": args.dims, "threads": args.threads,
                           "cca_default": CCAAligner().get_params()["regularization"]},
                "machine": machine_info(args.device), "command": " ".join(sys.argv)}
     if "fit" in args.parts:

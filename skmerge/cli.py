@@ -201,6 +201,7 @@ examples:
   skmerge merge runs/mlp_seed0.pt runs/mlp_seed1.pt --dataset digits --out merged.pt
   skmerge merge runs/*.pt --dataset digits --aligner permutation --out perm.pt
   skmerge merge runs/*.pt --dataset digits --reference-free --repair --out free.pt
+  skmerge merge runs/*.pt --dataset digits --learn-coefficients 10 --out learned.pt
   skmerge merge a.pt b.pt --dataset cifar10 --data-root ~/data \\
       --regularization 0.1 --n-align 10000 --out merged.pt
   skmerge merge a_state_dict.pt b_state_dict.pt --model vgg11 --width 0.5 \\
@@ -358,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--repair", action="store_true",
                        help="after averaging, rescale every channel to the interpolated "
                             "activation statistics of the aligned models (REPAIR)")
+    merge.add_argument("--learn-coefficients", type=_int_at_least(1), default=None, metavar="EPOCHS",
+                       help="after aligning, learn one coefficient per model and parameter "
+                            "tensor on the labelled alignment images for EPOCHS epochs "
+                            "(LearnedCoefficientMerger; a tenth of them held out for early "
+                            "stopping) instead of using --weights")
     merge.add_argument("--n-align", type=_int_at_least(1), default=None, metavar="N",
                        help="align on N random training images (default: all of them)")
     merge.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
@@ -736,6 +742,9 @@ def _merge(args: argparse.Namespace) -> int:
         raise CLIError(f"--weights has {len(args.weights)} values for {n} checkpoints")
     if args.regularization is not None and args.aligner != "cca":
         raise CLIError(f"--regularization applies to --aligner cca, not {args.aligner}")
+    if args.learn_coefficients is not None and args.repair:
+        raise CLIError("--learn-coefficients and --repair cannot be combined: the learned "
+                       "coefficients replace the average that REPAIR corrects")
     out = Path(args.out)
     _check_writable(out)
     device = _device(args.device)
@@ -745,24 +754,32 @@ def _merge(args: argparse.Namespace) -> int:
     _check_same_architecture(loaded)
     train, test = _load_split(args, "train"), _load_split(args, "test")
     _check_fits_data(loaded, test, args.dataset)
-    x = train.tensors[0]
+    x, y = train.tensors[0], train.tensors[1]
     if args.n_align is not None:
         if args.n_align > len(x):
             raise CLIError(f"--n-align {args.n_align} is more than the {len(x)} training "
                            f"images of {args.dataset}")
-        rows = np.random.default_rng(args.seed).choice(len(x), args.n_align, replace=False)
-        x = x[torch.from_numpy(np.sort(rows))]
+        rows = torch.from_numpy(np.sort(
+            np.random.default_rng(args.seed).choice(len(x), args.n_align, replace=False)))
+        x, y = x[rows], y[rows]
 
     models = [model for _, model, _ in loaded]
-    method = ", ".join([args.aligner] + ["reference-free"] * args.reference_free + ["REPAIR"] * args.repair)
+    learn = args.learn_coefficients is not None
+    method = ", ".join([args.aligner] + ["reference-free"] * args.reference_free
+                       + ["REPAIR"] * args.repair + ["learned coefficients"] * learn)
     say(f"merging {n} models ({method}) on {len(x)} {args.dataset} training images")
     merger_type = ReferenceFreeMerger if args.reference_free else ModelMerger
     merger = merger_type(models, make_aligner(args.aligner, args.regularization),
                          reference=args.reference, weights=args.weights, repair=args.repair,
                          batch_size=args.batch_size, device=device, verbose=not args.quiet)
+    tick = time.perf_counter()
     merger.fit(x)
-    merged = merger.merged_model_.cpu()
-    seconds = merger.timings_["total"]
+    merged = merger.merged_model_
+    coefficients = None
+    if learn:
+        merged, coefficients = _learned_coefficients(merger, x, y, args)
+    merged = merged.cpu()
+    seconds = time.perf_counter() - tick
 
     say(f"evaluating on {len(test)} test images")
     rows = []
@@ -779,12 +796,38 @@ def _merge(args: argparse.Namespace) -> int:
           aligner=args.aligner, aligner_params=aligner_params, reference=args.reference,
           reference_free=args.reference_free, repair=args.repair,
           weights=[float(w) for w in merger.weights_], n_align=len(x),
+          learned_coefficients=coefficients, coefficient_epochs=args.learn_coefficients,
           test_accuracy=s["accuracy"], test_loss=s["loss"], merge_seconds=seconds,
           skmerge_version=__version__)
     print(_table(["model", "test accuracy", "test loss"], rows))
     print(f"\nmerge time {seconds:.2f} s ({method}, reference {args.reference}, "
           f"aligned on {len(x)} training images); wrote {out}")
     return 0
+
+
+def _learned_coefficients(merger, x, y, args: argparse.Namespace):
+    """The merged model of a LearnedCoefficientMerger on the fitted ``merger``, and its coefficients.
+
+    A tenth of the labelled alignment images (at least one, chosen with
+    ``--seed``) is held out for early stopping; the rest learns the
+    coefficients.
+    """
+    import numpy as np
+    import torch
+
+    from .coefficients import LearnedCoefficientMerger
+
+    if len(x) < 2:
+        raise CLIError("--learn-coefficients needs at least 2 alignment images (a tenth is held out)")
+    order = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(x)))
+    n_valid = max(1, len(x) // 10)
+    valid, fit = order[:n_valid], order[n_valid:]
+    learned = LearnedCoefficientMerger(merger, n_epochs=args.learn_coefficients,
+                                       batch_size=args.batch_size, random_state=args.seed,
+                                       verbose=not args.quiet)
+    learned.fit(x[fit], y[fit], validation=(x[valid], y[valid]))
+    coefficients = {name: [float(c) for c in values] for name, values in learned.coefficients_.items()}
+    return learned.merged_model_, coefficients
 
 
 def _ensemble_scores(models, dataset, device) -> tuple[float, float]:

@@ -312,14 +312,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self.timings_["reset_bn"] = time.perf_counter() - tick
         if repair:
             tick = time.perf_counter()
-            aligned = []  # the base models in the reference's basis (aligned_state_dicts)
-            for state in self._aligned_states(working):
-                model = copy.deepcopy(merged_model)
-                model.load_state_dict(state)
-                aligned.append(model.eval())
-            repair_(merged_model, aligned, self.weights_, loader, batch_size=self.batch_size,
-                    device=self.device_, spaces=self.spaces_, verbose=self._show_progress())
-            del aligned
+            self._repair(merged_model, working, self.weights_, loader)
             self.timings_["repair"] = time.perf_counter() - tick
         self.timings_["total"] = time.perf_counter() - start
 
@@ -461,6 +454,16 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         warnings.warn(f"{message} Pass more alignment data.", SmallSampleMergeWarning, stacklevel=4)
         return aligner
 
+    def _repair(self, merged_model: nn.Module, models, weights, data) -> None:
+        """REPAIR ``merged_model`` in place against ``models`` in the reference's basis."""
+        aligned = []
+        for state in self._aligned_states(models):
+            model = copy.deepcopy(merged_model)
+            model.load_state_dict(state)
+            aligned.append(model.eval())
+        repair_(merged_model, aligned, weights, data, batch_size=self.batch_size,
+                device=self.device_, spaces=self.spaces_, verbose=self._show_progress())
+
     def _aligned_states(self, models):
         """Yield each model's state_dict expressed in the reference's feature basis."""
         for k, model in enumerate(models):
@@ -513,21 +516,34 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         X : torch.Tensor, numpy.ndarray, Dataset or DataLoader, optional
             Data to re-estimate the BatchNorm statistics on (when the model has
             BatchNorm and ``reset_bn`` is True); the averaged statistics are
-            kept when None.
+            kept when None. With ``repair=True`` it is required: REPAIR then
+            corrects the new model's activation statistics towards the
+            interpolation, with these weights, of the aligned models'.
 
         Returns
         -------
         torch.nn.Module
             A new model in evaluation mode on ``device_``.
+
+        Raises
+        ------
+        ValueError
+            If the weights are invalid, or ``repair=True`` and ``X`` is None.
         """
         check_is_fitted(self, "merged_model_")
         models = self._validated_models()
         weights = _normalized_weights(weights, len(models))
+        repair = getattr(self, "repair", False)
+        if repair and X is None:
+            raise ValueError("This merger has repair=True: merge_with_weights needs data X to "
+                             "repair the new model (REPAIR measures activations).")
         state = self._averaged_state(models, weights, self._validated_reference(len(models)))
         model = copy.deepcopy(self.merged_model_)
         model.load_state_dict(state)
         if X is not None and self.reset_bn and has_batchnorm(model):
             reset_bn_stats(model, X, batch_size=self.batch_size, device=self.device_)
+        if repair:
+            self._repair(model, models, weights, X)
         return model.eval()
 
     @staticmethod

@@ -31,7 +31,6 @@ carries little of the reference; see :class:`ReferenceFreeMerger`.
 
 from __future__ import annotations
 
-import numbers
 import time
 import warnings
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ import torch
 from sklearn.base import clone
 from tqdm.auto import tqdm
 
+from ._validation import check_nonnegative_real, check_positive_int
 from .aligners import CCAAligner, PermutationAligner
 from .graph import Space
 from .merge import ModelMerger, _BlockAligner
@@ -561,12 +561,8 @@ class ReferenceFreeMerger(ModelMerger):
 
     def _check_method_params(self) -> None:
         super()._check_method_params()
-        if not isinstance(self.max_iter, numbers.Integral) or isinstance(self.max_iter, bool) \
-                or self.max_iter < 1:
-            raise ValueError(f"max_iter must be a positive int, got {self.max_iter!r}.")
-        if not isinstance(self.tol, numbers.Real) or isinstance(self.tol, bool) \
-                or not np.isfinite(self.tol) or self.tol < 0:
-            raise ValueError(f"tol must be a non-negative finite number, got {self.tol!r}.")
+        check_positive_int(self.max_iter, "max_iter")
+        check_nonnegative_real(self.tol, "tol")
         if self.init not in ("permutation", "reference"):
             raise ValueError(f"init must be 'permutation' or 'reference', got {self.init!r}.")
         params = self.aligner.get_params(deep=False) if hasattr(self.aligner, "get_params") else {}

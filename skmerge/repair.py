@@ -452,7 +452,6 @@ def repair_(
 
     merged_model.eval()
     modes = [m.training for m in aligned_models]
-    handles = []
     try:
         for model in aligned_models:
             model.eval()
@@ -463,84 +462,109 @@ def repair_(
             _warn_skipped(skipped)
             return merged_model
 
-        n_models = len(aligned_models)
-        targets = [[_Moments(p.n_channels, stats_device) for p in points] for _ in range(n_models)]
-        merged = [_Moments(p.n_channels, stats_device) for p in points]
-        # This batch's moments of every call: calls[k][i] for aligned model k, point i.
-        calls: list[list[list]] = []
-        merged_calls = [0] * len(points)
-
-        def observe(k, i, point):
-            def hook(module, _args, output):
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(f"REPAIR expects a tensor output from {point.module!r}.")
-                count, mean, var = _batch_moments(output, point.axis(module, output),
-                                                  point.n_channels, stats_device)
-                _check_finite(mean, var, point, f"aligned model {k}")
-                targets[k][i].add(count, mean, var)
-                calls[k][i].append((mean, var))
-            return hook
-
-        def renormalize(i, point):
-            def hook(module, _args, output):
-                axis = point.axis(module, output)
-                count, mean, var = _batch_moments(output, axis, point.n_channels, stats_device)
-                _check_finite(mean, var, point, "the merged model")
-                merged[i].add(count, mean, var)
-                call = merged_calls[i]
-                merged_calls[i] += 1
-                if count == 0:
-                    return None
-                try:
-                    observed = [calls[k][i][call] for k in range(n_models)]
-                except IndexError:
-                    raise RuntimeError(f"{point.module!r} was called more often in the merged model "
-                                       "than in the aligned models.") from None
-                target_mean, target_std = _target(observed, weights)
-                scale, shift = _correction(mean, var, target_mean, target_std, point.channels, eps)
-                shape = [1] * output.ndim
-                shape[axis] = -1
-                return (output * scale.to(output.device, output.dtype).reshape(shape)
-                        + shift.to(output.device, output.dtype).reshape(shape))
-            return hook
-
-        for k, model in enumerate(aligned_models):
-            for i, point in enumerate(points):
-                handles.append(model.get_submodule(point.module).register_forward_hook(observe(k, i, point)))
-        for i, point in enumerate(points):
-            handles.append(merged_model.get_submodule(point.module).register_forward_hook(
-                renormalize(i, point)))
-
-        n_seen = 0
+        repair_pass = _StreamingRepair(points, len(aligned_models), weights, eps, stats_device)
         batches = tqdm(iter_inputs(loader, device, dtype), total=_length(loader), desc="REPAIR statistics",
                        disable=not verbose, leave=False)
-        for inputs in batches:
-            calls[:] = [[[] for _ in points] for _ in range(n_models)]
-            merged_calls[:] = [0] * len(points)
-            for model in aligned_models:
-                model(inputs)
-            merged_model(inputs)
-            n_seen += len(inputs)
-        if n_seen == 0:
+        if repair_pass.run(merged_model, aligned_models, batches) == 0:
             raise ValueError("REPAIR got empty data X.")
     finally:
-        for handle in handles:
-            handle.remove()
         for model, mode in zip(aligned_models, modes):
             model.train(mode)
         merged_model.eval()
-
-    _all_reduce_moments([m for row in targets for m in row] + merged)
-    for i, point in enumerate(points):
-        if merged[i].n == 0:
-            skipped.append(f"{point.module!r} (never called on X)")
-            continue
-        target_mean, target_std = _target([(row[i].mean, row[i].var) for row in targets], weights)
-        scale, shift = _correction(merged[i].mean, merged[i].var, target_mean, target_std,
-                                   point.channels, eps)
-        _fold(merged_model.get_submodule(point.module), point, scale, shift)
+    repair_pass.fold(merged_model, skipped)
     _warn_skipped(skipped)
     return merged_model
+
+
+class _StreamingRepair:
+    """REPAIR's one pass over the data, then the correction folded into the merged model.
+
+    Forward hooks collect the per-channel moments of every repair point in the
+    aligned models (the targets) and in the merged model. The merged model's
+    outputs are corrected on the fly with this batch's statistics, so that each
+    point sees repaired inputs; :meth:`fold` then writes the correction from
+    the statistics of all the data (all-reduced under torch.distributed).
+    """
+
+    def __init__(self, points: list, n_models: int, weights: list, eps: float,
+                 stats_device: torch.device) -> None:
+        self.points, self.weights, self.eps, self.stats_device = points, weights, eps, stats_device
+        self.targets = [[_Moments(p.n_channels, stats_device) for p in points] for _ in range(n_models)]
+        self.merged = [_Moments(p.n_channels, stats_device) for p in points]
+        # This batch's (mean, var) of every call: calls[k][i] for aligned model k, point i.
+        self.calls: list[list[list]] = []
+        self.merged_calls = [0] * len(points)
+
+    def _observe(self, k: int, i: int, point):
+        def hook(module, _args, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"REPAIR expects a tensor output from {point.module!r}.")
+            count, mean, var = _batch_moments(output, point.axis(module, output),
+                                              point.n_channels, self.stats_device)
+            _check_finite(mean, var, point, f"aligned model {k}")
+            self.targets[k][i].add(count, mean, var)
+            self.calls[k][i].append((mean, var))
+        return hook
+
+    def _renormalize(self, i: int, point):
+        def hook(module, _args, output):
+            axis = point.axis(module, output)
+            count, mean, var = _batch_moments(output, axis, point.n_channels, self.stats_device)
+            _check_finite(mean, var, point, "the merged model")
+            self.merged[i].add(count, mean, var)
+            call = self.merged_calls[i]
+            self.merged_calls[i] += 1
+            if count == 0:
+                return None
+            try:
+                observed = [calls[i][call] for calls in self.calls]
+            except IndexError:
+                raise RuntimeError(f"{point.module!r} was called more often in the merged model "
+                                   "than in the aligned models.") from None
+            target_mean, target_std = _target(observed, self.weights)
+            scale, shift = _correction(mean, var, target_mean, target_std, point.channels, self.eps)
+            shape = [1] * output.ndim
+            shape[axis] = -1
+            return (output * scale.to(output.device, output.dtype).reshape(shape)
+                    + shift.to(output.device, output.dtype).reshape(shape))
+        return hook
+
+    def run(self, merged_model: nn.Module, aligned_models: list, batches) -> int:
+        """Stream ``batches`` through every model; return the number of samples seen."""
+        handles = []
+        try:
+            for k, model in enumerate(aligned_models):
+                for i, point in enumerate(self.points):
+                    handles.append(model.get_submodule(point.module).register_forward_hook(
+                        self._observe(k, i, point)))
+            for i, point in enumerate(self.points):
+                handles.append(merged_model.get_submodule(point.module).register_forward_hook(
+                    self._renormalize(i, point)))
+            n_seen = 0
+            for inputs in batches:
+                self.calls = [[[] for _ in self.points] for _ in aligned_models]
+                self.merged_calls = [0] * len(self.points)
+                for model in aligned_models:
+                    model(inputs)
+                merged_model(inputs)
+                n_seen += len(inputs)
+            return n_seen
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def fold(self, merged_model: nn.Module, skipped: list) -> None:
+        """Fold the correction from all the data into the merged model's parameters."""
+        _all_reduce_moments([m for row in self.targets for m in row] + self.merged)
+        for i, point in enumerate(self.points):
+            if self.merged[i].n == 0:
+                skipped.append(f"{point.module!r} (never called on X)")
+                continue
+            target_mean, target_std = _target([(row[i].mean, row[i].var) for row in self.targets],
+                                              self.weights)
+            scale, shift = _correction(self.merged[i].mean, self.merged[i].var, target_mean, target_std,
+                                       point.channels, self.eps)
+            _fold(merged_model.get_submodule(point.module), point, scale, shift)
 
 
 def _first_inputs(loader, device, dtype) -> torch.Tensor:

@@ -10,7 +10,6 @@ the feature spaces; the permuted models are then averaged by
 
 from __future__ import annotations
 
-import numbers
 import time
 import warnings
 
@@ -22,6 +21,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._validation import check_positive_int
 from .graph import Space
 from .graph._apply import gather_slice, permute_space_
 from .merge import ModelMerger
@@ -335,9 +335,7 @@ class WeightMatchingMerger(ModelMerger):
         return self._fit(X)
 
     def _check_method_params(self) -> None:
-        if not isinstance(self.max_iter, numbers.Integral) or isinstance(self.max_iter, bool) \
-                or self.max_iter < 1:
-            raise ValueError(f"max_iter must be a positive int, got {self.max_iter!r}.")
+        check_positive_int(self.max_iter, "max_iter")
 
     def _fit_aligners(self, models, reference, loader, dtype) -> list[list]:
         self.timings_["statistics"] = 0.0

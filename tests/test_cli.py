@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from skmerge import CCAAligner, ModelMerger, cli
+from skmerge import CCAAligner, ModelMerger, PermutationAligner, cli
 from skmerge.datasets import available_datasets, load_digits
 from skmerge.models import available_models, get_model
 from skmerge.training import (
@@ -288,6 +289,12 @@ ERROR_CASES = {
                                     "{tmp}/m.pt"], "cca"),
     "too many alignment samples": (["merge", "{a}", "{b}", "--dataset", "digits", "--n-align",
                                     "100000", "--out", "{tmp}/m.pt"], "--n-align"),
+    "learned coefficients with repair": (["merge", "{a}", "{b}", "--dataset", "digits",
+                                          "--learn-coefficients", "2", "--repair", "--out",
+                                          "{tmp}/m.pt"], "cannot be combined"),
+    "learned coefficients epochs": (["merge", "{a}", "{b}", "--dataset", "digits",
+                                     "--learn-coefficients", "0", "--out", "{tmp}/m.pt"],
+                                    "--learn-coefficients"),
     "weights count": (["merge", "{a}", "{b}", "--dataset", "digits", "--weights", "1,2,3",
                        "--out", "{tmp}/m.pt"], "--weights"),
     "out is a folder": (["merge", "{a}", "{b}", "--dataset", "digits", "--out", "{tmp}"],
@@ -450,3 +457,31 @@ def test_merge_reference_free_with_repair(capsys, trained, tmp_path, digits):
     assert float(rows[label][0]) == pytest.approx(expected.score(test), abs=5e-5)
     merged, _ = load_model(out_path)
     assert float(rows[label][0]) == pytest.approx(evaluate(merged, test)["accuracy"], abs=5e-5)
+
+
+def test_merge_with_learned_coefficients(capsys, trained, tmp_path, digits):
+    train, test = digits
+    a, b = sorted(map(str, trained.glob("*.pt")))
+    out_path = tmp_path / "learned.pt"
+    code, out, _ = run(capsys, "merge", a, b, "--dataset", "digits", "--aligner", "permutation",
+                       "--learn-coefficients", 2, "--n-align", 400, "--out", out_path, *FAST)
+    assert code == 0, out
+    meta = torch.load(out_path, weights_only=True)["metadata"]
+    assert meta["coefficient_epochs"] == 2
+    coefficients = meta["learned_coefficients"]
+    merged, _ = load_model(out_path)
+    rows = {r[0]: r[1:] for r in table_rows(out, "model")}
+    label = "merged (permutation, learned coefficients)"
+    assert float(rows[label][0]) == pytest.approx(evaluate(merged, test)["accuracy"], abs=5e-5)
+    # The saved weights are the learned mixture of the aligned models (the
+    # alignment on the same 400 images, recomputed with the Python API).
+    rows_used = np.sort(np.random.default_rng(0).choice(len(train), 400, replace=False))
+    aligned = ModelMerger([load_model(a)[0], load_model(b)[0]], PermutationAligner()).fit(
+        train.tensors[0][torch.from_numpy(rows_used)]).aligned_state_dicts()
+    state = merged.state_dict()
+    assert set(coefficients) == {name for name, _ in merged.named_parameters()}
+    for name, values in coefficients.items():
+        assert len(values) == 2 and sum(values) == pytest.approx(1.0) and min(values) >= 0
+        mixture = sum(c * s[name] for c, s in zip(values, aligned))
+        torch.testing.assert_close(state[name], mixture.to(state[name].dtype), rtol=1e-5, atol=1e-6)
+    assert any(abs(values[0] - 0.5) > 1e-3 for values in coefficients.values())  # learning moved them

@@ -169,6 +169,29 @@ def test_merged_statistics_equal_the_interpolated_ones(case, n_batches):
     assert not any(key.startswith(last) for key in changed)
 
 
+def test_merge_with_weights_repairs_with_the_new_weights():
+    models = [_make("mlp", seed=s) for s in range(3)]
+    inputs = _inputs("mlp", 120)
+    merger = ModelMerger(models, PermutationAligner(), repair=True, device="cpu").fit(inputs)
+    # The fitted weights rebuild the fitted model exactly.
+    again = merger.merge_with_weights(merger.weights_, inputs)
+    for key, value in merger.merged_model_.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=1e-12)
+    # Other weights: REPAIR towards the interpolation with those weights, the
+    # same as repairing the plain merger's model by hand.
+    weights = [0.6, 0.1, 0.3]
+    plain = ModelMerger(models, PermutationAligner(), device="cpu").fit(inputs)
+    expected = repair_(plain.merge_with_weights(weights), _aligned_models(plain), weights, inputs,
+                       spaces=plain.spaces_)
+    built = merger.merge_with_weights(weights, inputs)
+    unrepaired = plain.merge_with_weights(weights)
+    assert not torch.allclose(built.layers[0].weight, unrepaired.layers[0].weight)
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(built.state_dict()[key], value, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="repair=True: merge_with_weights needs data"):
+        merger.merge_with_weights(weights)
+
+
 def test_modules_called_several_times_pool_all_calls():
     class Twice(nn.Module):
         def __init__(self):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Any
 
@@ -13,21 +12,11 @@ from scipy.optimize import linear_sum_assignment, linprog
 from scipy.sparse import csr_matrix, identity, kron, vstack
 from sklearn.exceptions import ConvergenceWarning
 
+from skmerge._validation import check_nonnegative_real, check_positive_int
 from skmerge.aligners._base import BaseAligner, _correlation_scale
 from skmerge.stats import CrossCovariance
 
 __all__ = ["OptimalTransportAligner"]
-
-
-def _check_nonnegative_real(value: Any, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(float(value))
-        or float(value) < 0
-    ):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}.")
-    return float(value)
 
 
 def _check_reg(value: Any) -> float:
@@ -37,15 +26,9 @@ def _check_reg(value: Any) -> float:
             return 0.0
         raise ValueError(f'reg must be a finite float >= 0 or "exact", got {value!r}.')
     try:
-        return _check_nonnegative_real(value, "reg")
+        return check_nonnegative_real(value, "reg")
     except ValueError:
         raise ValueError(f'reg must be a finite float >= 0 or "exact", got {value!r}.') from None
-
-
-def _check_max_iter(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {value!r}.")
-    return int(value)
 
 
 def _correlation_cost(stats: CrossCovariance) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,8 +238,8 @@ class OptimalTransportAligner(BaseAligner):
 
     def _check_params(self) -> None:
         _check_reg(self.reg)
-        _check_max_iter(self.max_iter)
-        _check_nonnegative_real(self.tol, "tol")
+        check_positive_int(self.max_iter, "max_iter")
+        check_nonnegative_real(self.tol, "tol")
 
     def _solve(self, stats: CrossCovariance) -> dict[str, Any]:
         reg = _check_reg(self.reg)
@@ -272,8 +255,8 @@ class OptimalTransportAligner(BaseAligner):
         else:
             cost_scale = float(cost.max())
             epsilon = reg * (cost_scale if cost_scale > 0 else 1.0)
-            max_iter = _check_max_iter(self.max_iter)
-            tol = _check_nonnegative_real(self.tol, "tol")
+            max_iter = check_positive_int(self.max_iter, "max_iter")
+            tol = check_nonnegative_real(self.tol, "tol")
             plan, n_iter, error = _sinkhorn_log(cost, epsilon, max_iter, tol)
             if error > tol:
                 warnings.warn(
