@@ -229,3 +229,34 @@ def pm(values, scale: float = 100.0, digits: int = 1) -> str:
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# the digits studies (more_aligners.py, beyond_the_paper.py)
+
+
+def train_digits_mlps(seeds, train, epochs: int) -> list:
+    """One MLP 64-64-64-10 per seed, trained on the digits training set."""
+    from skmerge.models import get_model
+    from skmerge.training import train_model
+
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
+        models.append(train_model(model, train, epochs=epochs, seed=seed))
+    return models
+
+
+def mean_range(values) -> str:
+    """``mean (min..max)`` of accuracies, three decimals."""
+    values = np.asarray(values)
+    return f"{values.mean():.3f} ({values.min():.3f}..{values.max():.3f})"
+
+
+def emit_table(table: str, output: str | None, seconds: float) -> None:
+    """Print a study's table and its wall time; write the table to ``output`` when given."""
+    print(table)
+    print(f"\n({seconds:.1f} s)")
+    if output:
+        write_text(Path(output), table + "\n")

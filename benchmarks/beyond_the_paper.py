@@ -24,20 +24,20 @@ which docs/user_guide/beyond.rst includes verbatim.
 
 from __future__ import annotations
 
+from _common import emit_table, mean_range, train_digits_mlps  # first: sets OMP_WAIT_POLICY
+
 import argparse
 import itertools
 import os
 import time
 
-import numpy as np
 import torch
 
 from skmerge import ModelMerger
 from skmerge.aligners import CCAAligner, IdentityAligner, PermutationAligner
 from skmerge.datasets import load_digits
 from skmerge.hierarchical import hierarchical_merge
-from skmerge.models import get_model
-from skmerge.training import ensemble_accuracy, evaluate, train_model
+from skmerge.training import ensemble_accuracy, evaluate
 from skmerge.weight_matching import WeightMatchingMerger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,15 +54,6 @@ HIERARCHICAL = [
     ("hierarchical  CCAAligner()", CCAAligner()),
     ("hierarchical  PermutationAligner()", PermutationAligner()),
 ]
-
-
-def train_models(train, epochs: int) -> list[torch.nn.Module]:
-    models = []
-    for seed in range(N_MODELS):
-        torch.manual_seed(seed)
-        model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
-        models.append(train_model(model, train, epochs=epochs, seed=seed))
-    return models
 
 
 def all_to_one(models, aligner, reference: int, inputs, test) -> float:
@@ -86,11 +77,6 @@ def pairings(n: int) -> list[list[int]]:
     return [[0, j] + [i for i in range(1, n) if i != j] for j in range(1, n)]
 
 
-def cell(values) -> str:
-    values = np.asarray(values)
-    return f"{values.mean():.3f} ({values.min():.3f}..{values.max():.3f})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
@@ -100,7 +86,7 @@ def main() -> None:
     start = time.perf_counter()
     train, test = load_digits("train"), load_digits("test")
     inputs, _ = train.tensors
-    models = train_models(train, args.epochs)
+    models = train_digits_mlps(range(N_MODELS), train, args.epochs)
 
     pairs = list(itertools.permutations(range(N_MODELS), 2))  # 6 pairs x 2 orders
     accuracy = {}
@@ -132,22 +118,16 @@ def main() -> None:
         "-" * len(header),
     ]
     for name in names:
-        lines.append(f"{name:<{width}} | {cell(accuracy[name, 2]):>21} | {cell(accuracy[name, 4]):>21}")
+        lines.append(f"{name:<{width}} | {mean_range(accuracy[name, 2]):>21} | {mean_range(accuracy[name, 4]):>21}")
     lines += [
         "-" * len(header),
-        f"{'base models (each alone)':<{width}} | {cell(base):>21} |",
-        f"{'ensemble (mean softmax)':<{width}} | {cell(ensemble2):>21} | {cell(ensemble4):>21}",
+        f"{'base models (each alone)':<{width}} | {mean_range(base):>21} |",
+        f"{'ensemble (mean softmax)':<{width}} | {mean_range(ensemble2):>21} | {mean_range(ensemble4):>21}",
         "",
         "Alignment data (all but weight matching): the 1198 training inputs. With 2 models the",
         "hierarchical merge is a single all-to-one merge (same numbers).",
     ]
-    table = "\n".join(lines)
-    print(table)
-    print(f"\n({time.perf_counter() - start:.1f} s)")
-    if args.output:
-        os.makedirs(os.path.dirname(args.output), exist_ok=True)
-        with open(args.output, "w") as handle:
-            handle.write(table + "\n")
+    emit_table("\n".join(lines), args.output, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

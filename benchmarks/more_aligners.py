@@ -18,6 +18,8 @@ which docs/user_guide/more_aligners.rst includes verbatim.
 
 from __future__ import annotations
 
+from _common import emit_table, mean_range, train_digits_mlps  # first: sets OMP_WAIT_POLICY
+
 import argparse
 import os
 import time
@@ -35,8 +37,7 @@ from skmerge.aligners import (
     ProcrustesAligner,
 )
 from skmerge.datasets import load_digits
-from skmerge.models import get_model
-from skmerge.training import ensemble_accuracy, evaluate, train_model
+from skmerge.training import ensemble_accuracy, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT = os.path.join(ROOT, "docs", "_generated", "more_aligners.txt")
@@ -54,20 +55,6 @@ ALIGNERS = [
 ]
 
 
-def train_group(first_seed: int, n_models: int, train, epochs: int):
-    models = []
-    for seed in range(first_seed, first_seed + n_models):
-        torch.manual_seed(seed)
-        model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
-        models.append(train_model(model, train, epochs=epochs, seed=seed))
-    return models
-
-
-def cell(values) -> str:
-    values = np.asarray(values)
-    return f"{values.mean():.3f} ({values.min():.3f}..{values.max():.3f})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="groups of 4 models (default 3)")
@@ -78,7 +65,8 @@ def main() -> None:
     start = time.perf_counter()
     train, test = load_digits("train"), load_digits("test")
     inputs, _ = train.tensors
-    groups = [train_group(4 * r, 4, train, args.epochs) for r in range(args.repeats)]
+    groups = [train_digits_mlps(range(4 * r, 4 * r + 4), train, args.epochs)
+              for r in range(args.repeats)]
 
     sizes = (2, 4)
     accuracy = {(name, n): [] for name, _ in ALIGNERS for n in sizes}
@@ -114,13 +102,13 @@ def main() -> None:
         its_text = f"{int(np.mean(its)):>5} max {max(its):>5}" if "OptimalTransport" in name and \
             "exact" not in name else "-"
         lines.append(
-            f"{name:<{width}} | {cell(accuracy[name, 2]):>21} | {cell(accuracy[name, 4]):>21} | "
+            f"{name:<{width}} | {mean_range(accuracy[name, 2]):>21} | {mean_range(accuracy[name, 4]):>21} | "
             f"{1000 * np.mean(solve[name]):6.1f}ms | {its_text:>12}"
         )
     lines += [
         "-" * len(header),
-        f"{'base models (each alone)':<{width}} | {cell(base):>21} |",
-        f"{'ensemble (mean softmax)':<{width}} | {cell(ensemble[2]):>21} | {cell(ensemble[4]):>21} |",
+        f"{'base models (each alone)':<{width}} | {mean_range(base):>21} |",
+        f"{'ensemble (mean softmax)':<{width}} | {mean_range(ensemble[2]):>21} | {mean_range(ensemble[4]):>21} |",
         "",
         "solve: mean time to fit all aligners of one merge (CPU); Sinkhorn it.: mean and max",
         "iterations per merge point.",
@@ -129,13 +117,7 @@ def main() -> None:
                      for name, count in warned.items() if count) or "none")
         + ".",
     ]
-    table = "\n".join(lines)
-    print(table)
-    print(f"\n({time.perf_counter() - start:.1f} s)")
-    if args.output:
-        os.makedirs(os.path.dirname(args.output), exist_ok=True)
-        with open(args.output, "w") as handle:
-            handle.write(table + "\n")
+    emit_table("\n".join(lines), args.output, time.perf_counter() - start)
 
 
 if __name__ == "__main__":
