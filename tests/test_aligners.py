@@ -80,16 +80,18 @@ def test_sklearn_compatible(estimator, check):
 
 
 def test_sklearn_array_api_check_with_scipy_array_api():
-    """The one estimator check skipped above (it needs SCIPY_ARRAY_API set
-    before scipy is imported) passes in a fresh interpreter."""
+    """The one estimator check skipped by the estimator checks of every aligner
+    (it needs SCIPY_ARRAY_API set before scipy is imported) passes in a fresh
+    interpreter."""
     code = (
         "from sklearn.utils.estimator_checks import check_array_api_input\n"
-        "from skmerge.aligners import IdentityAligner, PermutationAligner, CCAAligner\n"
-        "for est in (IdentityAligner(), PermutationAligner(), CCAAligner()):\n"
+        "from skmerge.aligners import *\n"
+        "for est in (IdentityAligner(), PermutationAligner(), CCAAligner(), ProcrustesAligner(),\n"
+        "            OptimalTransportAligner(), OptimalTransportAligner(reg=0)):\n"
         "    check_array_api_input(type(est).__name__, est, array_namespace='numpy',\n"
         "                          expect_only_array_outputs=False)\n"
     )
-    env = dict(os.environ, SCIPY_ARRAY_API="1")
+    env = dict(os.environ, SCIPY_ARRAY_API="1", OMP_NUM_THREADS="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
