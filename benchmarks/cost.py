@@ -470,13 +470,15 @@ def headline(results: dict) -> str:
         lines.append(
             f"- **memory:** the peak extra memory of fit grows by {fitm['slope_mib_per_model']:.1f} MiB per "
             f"model (straight-line fit over {', '.join(str(r['n_models']) for r in mem)} models, "
-            f"R^2 = {fitm['r2']:.3f}). The accumulated statistics are a small part of it: "
+            f"R^2 = {fitm['r2']:.3f}). What grows with the models is the statistics: "
             f"{mem[-1]['statistics_mib']:.1f} MiB for {mem[-1]['n_models']} models, (2 n_models - 1) sum(d^2) "
             f"float64 comoments (an auto- and a cross-comoment per model, the reference's auto-comoment "
-            f"once) plus the means. The rest is the per-batch buffers of two models at a time (the reference and the model being "
-            f"processed: captured inputs of the tapped layers, {mem[-1]['captured_batch_mib']:.1f} MiB "
-            f"per model at batch size {results['config']['batch_size']}, and their centered copies), "
-            f"the averaged weights and allocator overhead.")
+            f"once) plus the means, and the same comoments of the batch in progress, per tap, until "
+            f"the batch is added. The constant part is the per-batch buffers of two models at a time "
+            f"(the reference and the model being processed: captured inputs of the tapped layers, "
+            f"{mem[-1]['captured_batch_mib']:.1f} MiB per model at batch size "
+            f"{results['config']['batch_size']}, and their centered copies), the averaged weights and "
+            f"allocator overhead.")
     solve = results.get("solve", [])
     if solve:
         last = solve[-1]
