@@ -272,11 +272,37 @@ def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def make_model(name: str, seed: int, dtype=torch.float64) -> nn.Module:
-    """``ARCHITECTURES[name]`` seeded, with randomized BatchNorm, in evaluation mode."""
+def make_model(name: str, seed: int, dtype=torch.float64, randomize_bn: bool = True) -> nn.Module:
+    """``ARCHITECTURES[name]`` seeded, in evaluation mode; BatchNorm randomized unless told not to."""
     torch.manual_seed(seed)
     model = ARCHITECTURES[name]().to(dtype)
-    return randomize_batchnorm(model, seed).eval()
+    if randomize_bn:
+        randomize_batchnorm(model, seed)
+    return model.eval()
+
+
+def inputs(name: str, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """``n`` seeded example inputs of ``ARCHITECTURES[name]`` (float64 by default)."""
+    return example_input(ARCHITECTURES[name], n, seed, dtype)
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs on ``x`` in evaluation mode."""
+    return model.eval()(x)
+
+
+def state_copy(model: nn.Module) -> dict:
+    """A copy of the model's state_dict (cloned tensors)."""
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def assert_same_state(before: dict, model: nn.Module) -> None:
+    """The model's state_dict has the same keys and bit-identical tensors as ``before``."""
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
 
 
 def digits_mlps(n_models: int, epochs: int = 40):

@@ -35,22 +35,6 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _state(model):
-    return {key: value.clone() for key, value in model.state_dict().items()}
-
-
-def _assert_same_state(before, model):
-    after = model.state_dict()
-    assert before.keys() == after.keys()
-    for key in before:
-        assert torch.equal(before[key], after[key]), key
-
-
-def _outputs(model, inputs):
-    with torch.no_grad():
-        return model.eval()(inputs)
-
-
 def _assert_on_simplex(coefficients, n_models):
     arrays = coefficients.values() if isinstance(coefficients, dict) else [coefficients]
     for c in arrays:
@@ -103,10 +87,10 @@ def test_initial_coefficients_are_the_mergers_average(digits, granularity, weigh
     for c in arrays:
         np.testing.assert_allclose(c, merger.weights_, rtol=1e-12)
     # exactly the merger's model: same parameters bit for bit (same order of summation)
-    _assert_same_state(_state(merger.merged_model_), learner.merged_model_)
-    assert torch.equal(_outputs(learner.merged_model_, x_held), _outputs(merger.merged_model_, x_held))
+    _archs.assert_same_state(_archs.state_copy(merger.merged_model_), learner.merged_model_)
+    assert torch.equal(_archs.outputs(learner.merged_model_, x_held), _archs.outputs(merger.merged_model_, x_held))
     # the training forward pass (functional_call on the combined parameters) is the merger's model
-    expected = F.cross_entropy(_outputs(merger.merged_model_, x_held), y_held).item()
+    expected = F.cross_entropy(_archs.outputs(merger.merged_model_, x_held), y_held).item()
     np.testing.assert_allclose(learner.loss_curve_, [expected, expected], rtol=1e-5)
     assert learner.n_iter_ == learner.best_epoch_ == 2
     assert learner.validation_loss_curve_ is None
@@ -122,8 +106,8 @@ def test_learning_lowers_the_loss_on_digits(digits, permutation_merger, granular
     assert learned.n_iter_ == 5 and len(learned.loss_curve_) == 5
     assert learned.loss_curve_[-1] < learned.loss_curve_[0] - 0.05, learned.loss_curve_
     _assert_on_simplex(learned.coefficients_, 3)
-    held_loss = F.cross_entropy(_outputs(learned.merged_model_, x_held), y_held).item()
-    merger_loss = F.cross_entropy(_outputs(permutation_merger.merged_model_, x_held), y_held).item()
+    held_loss = F.cross_entropy(_archs.outputs(learned.merged_model_, x_held), y_held).item()
+    merger_loss = F.cross_entropy(_archs.outputs(permutation_merger.merged_model_, x_held), y_held).item()
     assert held_loss < merger_loss - 0.05, (held_loss, merger_loss)
     # plain averaging of unaligned models is poor: learned coefficients recover a lot of it
     plain = ModelMerger(models, IdentityAligner(), device="cpu").fit(x_fit)
@@ -156,7 +140,7 @@ def test_early_stopping_keeps_the_best_coefficients(digits):
     models, x_fit, x_held = digits.models, digits.x_fit, digits.x_held
     untrained = _mlp(seed=10).eval()
     merger = ModelMerger([models[0], untrained], IdentityAligner(), device="cpu").fit(x_fit)
-    misleading = _outputs(untrained, x_held).argmax(1)
+    misleading = _archs.outputs(untrained, x_held).argmax(1)
     learner = LearnedCoefficientMerger(merger, granularity="model", n_epochs=20, n_iter_no_change=2,
                                        random_state=0)
     learner.fit(x_held, misleading, validation=TensorDataset(x_fit[:300], digits.y_fit[:300]))
@@ -200,16 +184,16 @@ def test_zero_weight_model_keeps_coefficient_zero(digits):
 # ------------------------------------------------- inputs and data forms
 def test_models_and_merger_are_never_modified(digits, permutation_merger):
     models, x_held, y_held = digits.models, digits.x_held, digits.y_held
-    before = [_state(m) for m in models]
-    merged_before = _state(permutation_merger.merged_model_)
+    before = [_archs.state_copy(m) for m in models]
+    merged_before = _archs.state_copy(permutation_merger.merged_model_)
     weights_before = permutation_merger.weights_.copy()
     learner = LearnedCoefficientMerger(permutation_merger, n_epochs=2, learning_rate=0.5,
                                        random_state=0).fit(x_held, y_held)
     assert learner.merger_ is permutation_merger
     assert learner.merged_model_ is not permutation_merger.merged_model_
     for state, model in zip(before, models):
-        _assert_same_state(state, model)
-    _assert_same_state(merged_before, permutation_merger.merged_model_)
+        _archs.assert_same_state(state, model)
+    _archs.assert_same_state(merged_before, permutation_merger.merged_model_)
     np.testing.assert_array_equal(permutation_merger.weights_, weights_before)
     assert not permutation_merger.merged_model_.training
     assert not any(p.requires_grad is False for p in permutation_merger.merged_model_.parameters())
@@ -289,17 +273,17 @@ def _vgg(seed):
 
 def test_batchnorm_model():
     models = [_vgg(0), _vgg(1)]
-    before = [_state(m) for m in models]
+    before = [_archs.state_copy(m) for m in models]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(97, *_archs.VGGBN.input_shape, generator=generator)  # last batch of one
     y = torch.randint(0, 5, (97,), generator=generator)
     merger = ModelMerger(models, PermutationAligner(), batch_size=32, device="cpu").fit(x)
-    merged_before = _state(merger.merged_model_)
+    merged_before = _archs.state_copy(merger.merged_model_)
 
     # step 0: same parameters; running statistics re-estimated on the same data and batches
     still = LearnedCoefficientMerger(merger, n_epochs=1, learning_rate=0.0, batch_size=32,
                                      random_state=0).fit(x, y)
-    torch.testing.assert_close(_outputs(still.merged_model_, x), _outputs(merger.merged_model_, x))
+    torch.testing.assert_close(_archs.outputs(still.merged_model_, x), _archs.outputs(merger.merged_model_, x))
 
     learner = LearnedCoefficientMerger(merger, n_epochs=3, learning_rate=0.2, batch_size=32,
                                        random_state=0).fit(x, y)
@@ -311,12 +295,12 @@ def test_batchnorm_model():
     assert not model.training and not any(m.training for m in model.modules())
     # BatchNorm statistics are those of the learned model on x, not the merger's
     expected = reset_bn_stats(copy.deepcopy(model), x, batch_size=32)
-    _assert_same_state(_state(expected), model)
+    _archs.assert_same_state(_archs.state_copy(expected), model)
     assert not torch.equal(model.features[1].running_var,
                            merger.merged_model_.features[1].running_var)
     for state, m in zip(before, models):
-        _assert_same_state(state, m)
-    _assert_same_state(merged_before, merger.merged_model_)
+        _archs.assert_same_state(state, m)
+    _archs.assert_same_state(merged_before, merger.merged_model_)
 
 
 # ----------------------------------------------------- scikit-learn integration

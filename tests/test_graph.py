@@ -53,10 +53,6 @@ def _x(name, n=4, dtype=torch.float64, seed=0):
     return _archs.example_input(ARCHS[name], n, seed, dtype)
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def _by_name(spaces):
     return {s.name: s for s in spaces}
 
@@ -208,7 +204,7 @@ def test_find_spaces_does_not_modify_the_model(name):
     model.train()
     next(iter(model.children())).eval()  # mixed flags must survive too
     flags = [m.training for m in model.modules()]
-    before = _state(model)
+    before = _archs.state_copy(model)
     x = _x(name, dtype=torch.float32)
     x_before = x.clone()
     find_spaces(model, x)
@@ -224,7 +220,7 @@ def test_find_spaces_does_not_modify_the_model(name):
 def test_permute_model_preserves_outputs(name):
     model = _make(name)
     x = _x(name, 8)
-    before = _state(model)
+    before = _archs.state_copy(model)
     permuted, perms = permute_model(model, x, seed=1)
     with torch.no_grad():
         _assert_close(model(x), permuted.eval()(x), 1e-10)
@@ -300,7 +296,7 @@ def test_invertible_maps_preserve_a_linear_model(arch):
     assert len(spaces) == (2 if arch == "mlp" else 4)
     pairs = _random_pairs(spaces, seed=3)
     state = model.state_dict()
-    before = _state(model)
+    before = _archs.state_copy(model)
     transformed = copy.deepcopy(model)
     transformed.load_state_dict(apply_transforms(state, spaces, pairs))
     with torch.no_grad():

@@ -17,23 +17,13 @@ torch.set_num_threads(1)
 
 
 def _make(name, seed, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return _archs.ARCHITECTURES[name]().to(dtype).eval()
-
-
-def _inputs(name, n, seed=0):
-    return _archs.example_input(_archs.ARCHITECTURES[name], n, seed, dtype=torch.float64)
-
-
-def _outputs(model, inputs):
-    with torch.no_grad():
-        return model.eval()(inputs)
+    return _archs.make_model(name, seed, dtype, randomize_bn=False)
 
 
 @pytest.mark.parametrize("n_models, shape", [(2, [1]), (3, [1, 1]), (4, [2, 1]), (5, [2, 1, 1])])
 def test_tree_shape_and_uniform_weights(n_models, shape):
     models = [_make("mlp", seed) for seed in range(n_models)]
-    inputs = _inputs("mlp", 64)
+    inputs = _archs.inputs("mlp", 64)
     merged, mergers = hierarchical_merge(models, inputs, IdentityAligner(), device="cpu")
     assert [len(level) for level in mergers] == shape
     assert merged is mergers[-1][0].merged_model_
@@ -49,19 +39,19 @@ def test_tree_shape_and_uniform_weights(n_models, shape):
 @pytest.mark.parametrize("aligner", [CCAAligner(regularization=0.1), PermutationAligner()],
                          ids=["cca", "permutation"])
 def test_identical_models_give_the_same_function(name, aligner):
-    inputs = _inputs(name, 64)
+    inputs = _archs.inputs(name, 64)
     # BatchNorm statistics of the data, as in a trained model
     model = reset_bn_stats(_make(name, seed=3), inputs, batch_size=64)
     models = [model] + [copy.deepcopy(model) for _ in range(3)]
     merged, _ = hierarchical_merge(models, inputs, aligner, batch_size=64, device="cpu")
-    torch.testing.assert_close(_outputs(merged, inputs), _outputs(model, inputs), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_archs.outputs(merged, inputs), _archs.outputs(model, inputs), rtol=1e-6, atol=1e-6)
 
 
 def test_merger_kwargs_are_passed_and_models_untouched():
     models = [_make("vgg", seed) for seed in range(3)]
     models[1].train()
     before = [copy.deepcopy(m.state_dict()) for m in models]
-    inputs = _inputs("vgg", 32)
+    inputs = _archs.inputs("vgg", 32)
     _, mergers = hierarchical_merge(models, inputs, PermutationAligner(), reset_bn=False,
                                     reference=1, device="cpu")
     for merger in (m for level in mergers for m in level):
@@ -76,7 +66,7 @@ def test_merger_kwargs_are_passed_and_models_untouched():
 
 def test_bad_inputs():
     mlp = _make("mlp", 0)
-    inputs = _inputs("mlp", 8)
+    inputs = _archs.inputs("mlp", 8)
     with pytest.raises(ValueError, match="at least 2 models"):
         hierarchical_merge([mlp], inputs)
     with pytest.raises(TypeError, match="list or tuple"):

@@ -24,53 +24,27 @@ torch.set_num_threads(2)
 ARCHITECTURES = _archs.ARCHITECTURES
 
 
-def _make(name, seed, dtype=torch.float64):
-    return _archs.make_model(name, seed, dtype)
-
-
-def _inputs(name, n, seed=0, dtype=torch.float64):
-    generator = torch.Generator().manual_seed(seed)
-    shape = _archs.example_input(ARCHITECTURES[name]).shape[1:]
-    return torch.randn((n, *shape), generator=generator, dtype=dtype)
-
-
-def _outputs(model, inputs):
-    with torch.no_grad():
-        return model.eval()(inputs)
-
-
-def _state(model):
-    return {key: value.clone() for key, value in model.state_dict().items()}
-
-
-def _assert_same_state(before, model):
-    after = model.state_dict()
-    assert before.keys() == after.keys()
-    for key in before:
-        assert torch.equal(before[key], after[key]), key
-
-
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_permutation_aligner_undoes_a_random_permutation(name):
-    model = _make(name, seed=0)
-    inputs = _inputs(name, 96)
+    model = _archs.make_model(name, seed=0)
+    inputs = _archs.inputs(name, 96)
     permuted, _ = permute_model(model, inputs[:2], seed=1)
     merger = ModelMerger([model, permuted], PermutationAligner(), reset_bn=False, device="cpu")
     merger.fit(inputs)
-    expected = _outputs(model, inputs)
+    expected = _archs.outputs(model, inputs)
     # Units that are dead on the data may be matched to any other dead unit;
     # the function on the data is reproduced exactly all the same.
-    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), expected, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), expected, rtol=1e-7, atol=1e-8)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cat", "resnet"])
 def test_cca_recovers_a_permuted_copy_when_activations_are_full_rank(name):
-    model = _make(name, seed=0)
-    inputs = _inputs(name, 600)
+    model = _archs.make_model(name, seed=0)
+    inputs = _archs.inputs(name, 600)
     permuted, _ = permute_model(model, inputs[:2], seed=2)
     merger = ModelMerger([model, permuted], CCAAligner(regularization=0), reset_bn=False, device="cpu")
     merger.fit(inputs)
-    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs),
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs),
                                rtol=1e-6, atol=1e-6)
 
 
@@ -78,33 +52,33 @@ def test_cca_recovers_a_permuted_copy_when_activations_are_full_rank(name):
 @pytest.mark.parametrize("aligner", [CCAAligner(regularization=0.1), PermutationAligner()],
                          ids=["cca", "permutation"])
 def test_merging_three_identical_models_returns_the_same_function(name, aligner):
-    inputs = _inputs(name, 64)
+    inputs = _archs.inputs(name, 64)
     # BatchNorm statistics of the data, as in a trained model: units that are
     # dead on the data (which CCA maps to zero) then stay dead after the reset.
-    model = reset_bn_stats(_make(name, seed=3), inputs, batch_size=64)
+    model = reset_bn_stats(_archs.make_model(name, seed=3), inputs, batch_size=64)
     merger = ModelMerger([model, copy.deepcopy(model), copy.deepcopy(model)], aligner,
                          batch_size=64, device="cpu").fit(inputs)
-    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs),
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs),
                                rtol=1e-6, atol=1e-6)
 
 
 def test_weights_select_one_model_in_the_reference_basis():
-    model = _make("resnet", seed=0)
-    other = _make("resnet", seed=1)
-    inputs = _inputs("resnet", 64)
+    model = _archs.make_model("resnet", seed=0)
+    other = _archs.make_model("resnet", seed=1)
+    inputs = _archs.inputs("resnet", 64)
     only_reference = ModelMerger([model, other], CCAAligner(), weights=[1, 0], reset_bn=False,
                                  device="cpu").fit(inputs)
-    torch.testing.assert_close(_outputs(only_reference.merged_model_, inputs), _outputs(model, inputs))
+    torch.testing.assert_close(_archs.outputs(only_reference.merged_model_, inputs), _archs.outputs(model, inputs))
     permuted, _ = permute_model(other, inputs[:2], seed=5)
     only_other = ModelMerger([model, permuted], PermutationAligner(), weights=[0, 3], reset_bn=False,
                              device="cpu").fit(inputs)
-    torch.testing.assert_close(_outputs(only_other.merged_model_, inputs), _outputs(other, inputs))
+    torch.testing.assert_close(_archs.outputs(only_other.merged_model_, inputs), _archs.outputs(other, inputs))
 
 
 def test_merge_with_weights_and_aligned_state_dicts_reuse_the_alignment():
-    model = _make("vgg", seed=0)
-    other = _make("vgg", seed=1)
-    inputs = _inputs("vgg", 64)
+    model = _archs.make_model("vgg", seed=0)
+    other = _archs.make_model("vgg", seed=1)
+    inputs = _archs.inputs("vgg", 64)
     permuted, _ = permute_model(other, inputs[:2], seed=3)
     merger = ModelMerger([model, permuted], PermutationAligner(), reset_bn=False, device="cpu").fit(inputs)
     same = merger.merge_with_weights([0.5, 0.5])
@@ -115,30 +89,30 @@ def test_merge_with_weights_and_aligned_state_dicts_reuse_the_alignment():
         if value.is_floating_point():
             torch.testing.assert_close((aligned[0][key] + aligned[1][key]) / 2, value)
     # The end points of the interpolation path are the two models' functions.
-    torch.testing.assert_close(_outputs(merger.merge_with_weights([1, 0]), inputs), _outputs(model, inputs))
-    torch.testing.assert_close(_outputs(merger.merge_with_weights([0, 1]), inputs), _outputs(other, inputs))
+    torch.testing.assert_close(_archs.outputs(merger.merge_with_weights([1, 0]), inputs), _archs.outputs(model, inputs))
+    torch.testing.assert_close(_archs.outputs(merger.merge_with_weights([0, 1]), inputs), _archs.outputs(other, inputs))
     with pytest.raises(ValueError, match="one entry per model"):
         merger.merge_with_weights([1.0])
     calibrated = ModelMerger([model, permuted], PermutationAligner(), device="cpu").fit(inputs)
     via_weights = calibrated.merge_with_weights([0.5, 0.5], X=inputs)
-    torch.testing.assert_close(_outputs(via_weights, inputs), _outputs(calibrated.merged_model_, inputs))
+    torch.testing.assert_close(_archs.outputs(via_weights, inputs), _archs.outputs(calibrated.merged_model_, inputs))
 
 
 def test_inputs_are_never_modified_and_modes_are_restored():
-    models = [_make("vgg", seed=s) for s in range(3)]
+    models = [_archs.make_model("vgg", seed=s) for s in range(3)]
     models[1].train()
-    before = [_state(m) for m in models]
-    merger = ModelMerger(models, CCAAligner(), device="cpu").fit(_inputs("vgg", 64))
+    before = [_archs.state_copy(m) for m in models]
+    merger = ModelMerger(models, CCAAligner(), device="cpu").fit(_archs.inputs("vgg", 64))
     for state, model in zip(before, models):
-        _assert_same_state(state, model)
+        _archs.assert_same_state(state, model)
     assert [m.training for m in models] == [False, True, False]
     assert merger.merged_model_ is not models[0]
     assert not merger.merged_model_.training
 
 
 def test_merged_model_has_the_same_class_and_keys():
-    models = [_make("resnet18", seed=s) for s in range(2)]
-    merger = ModelMerger(models, device="cpu").fit(_inputs("resnet18", 32))
+    models = [_archs.make_model("resnet18", seed=s) for s in range(2)]
+    merger = ModelMerger(models, device="cpu").fit(_archs.inputs("resnet18", 32))
     assert type(merger.merged_model_) is type(models[0])
     assert merger.merged_model_.state_dict().keys() == models[0].state_dict().keys()
     assert len(merger.aligners_) == len(merger.spaces_) == len(merger.statistics_)
@@ -147,8 +121,8 @@ def test_merged_model_has_the_same_class_and_keys():
 
 
 def test_reset_bn_matches_an_independent_reestimation():
-    models = [_make("vgg", seed=s, dtype=torch.float32) for s in range(2)]
-    inputs = _inputs("vgg", 100, dtype=torch.float32)
+    models = [_archs.make_model("vgg", seed=s, dtype=torch.float32) for s in range(2)]
+    inputs = _archs.inputs("vgg", 100, dtype=torch.float32)
     # One batch: the running statistics are then exactly those of all the data.
     merger = ModelMerger(models, CCAAligner(), batch_size=100, device="cpu").fit(inputs)
     no_reset = ModelMerger(models, CCAAligner(), reset_bn=False, device="cpu").fit(inputs)
@@ -157,7 +131,7 @@ def test_reset_bn_matches_an_independent_reestimation():
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     seen = []
     handle = bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    _outputs(model, inputs)
+    _archs.outputs(model, inputs)
     handle.remove()
     activations = seen[0].transpose(0, 1).reshape(bn.num_features, -1)
     name = next(n for n, m in model.named_modules() if m is bn)
@@ -167,8 +141,8 @@ def test_reset_bn_matches_an_independent_reestimation():
 
 
 def test_data_forms_give_the_same_merge():
-    models = [_make("mlp", seed=s) for s in range(2)]
-    inputs = _inputs("mlp", 90)
+    models = [_archs.make_model("mlp", seed=s) for s in range(2)]
+    inputs = _archs.inputs("mlp", 90)
     labels = torch.zeros(90, dtype=torch.long)
     forms = [inputs, inputs.numpy(), TensorDataset(inputs, labels),
              DataLoader(TensorDataset(inputs), batch_size=17)]
@@ -180,18 +154,18 @@ def test_data_forms_give_the_same_merge():
 
 
 def test_joblib_round_trip(tmp_path):
-    models = [_make("cat", seed=s) for s in range(2)]
-    inputs = _inputs("cat", 64)
+    models = [_archs.make_model("cat", seed=s) for s in range(2)]
+    inputs = _archs.inputs("cat", 64)
     merger = ModelMerger(models, CCAAligner(), device="cpu").fit(inputs)
     path = tmp_path / "merger.joblib"
     joblib.dump(merger, path)
     loaded = joblib.load(path)
-    torch.testing.assert_close(_outputs(loaded.merged_model_, inputs), _outputs(merger.merged_model_, inputs))
+    torch.testing.assert_close(_archs.outputs(loaded.merged_model_, inputs), _archs.outputs(merger.merged_model_, inputs))
     np.testing.assert_allclose(loaded.predict_proba(inputs), merger.predict_proba(inputs))
 
 
 def test_clone_shares_the_source_models_and_clones_the_aligner():
-    models = [_make("mlp", seed=s) for s in range(2)]
+    models = [_archs.make_model("mlp", seed=s) for s in range(2)]
     merger = ModelMerger(models, CCAAligner(regularization=0.3))
     cloned = clone(merger)
     assert cloned.models is models
@@ -201,28 +175,28 @@ def test_clone_shares_the_source_models_and_clones_the_aligner():
 
 
 def test_manual_spaces_and_self_check():
-    model = _make("mlp", seed=0)
-    inputs = _inputs("mlp", 64)
+    model = _archs.make_model("mlp", seed=0)
+    inputs = _archs.inputs("mlp", 64)
     spaces = find_spaces(model, inputs[:2])
     permuted, _ = permute_model(model, spaces=spaces, seed=4)
     merger = ModelMerger([model, permuted], PermutationAligner(), spaces=spaces, self_check=True,
                          reset_bn=False, device="cpu").fit(inputs)
     assert merger.spaces_ == spaces
-    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs))
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs))
 
 
 def test_small_samples_warn_and_regularize():
-    models = [_make("mlp", seed=s) for s in range(2)]
+    models = [_archs.make_model("mlp", seed=s) for s in range(2)]
     with pytest.warns(UserWarning, match="samples"):
-        merger = ModelMerger(models, CCAAligner(regularization=0), device="cpu").fit(_inputs("mlp", 5))
-    assert np.isfinite(merger.predict_proba(_inputs("mlp", 4))).all()
+        merger = ModelMerger(models, CCAAligner(regularization=0), device="cpu").fit(_archs.inputs("mlp", 5))
+    assert np.isfinite(merger.predict_proba(_archs.inputs("mlp", 4))).all()
 
 
 def test_predict_and_score_use_the_merged_model():
-    models = [_make("mlp", seed=s) for s in range(2)]
-    inputs = _inputs("mlp", 50)
+    models = [_archs.make_model("mlp", seed=s) for s in range(2)]
+    inputs = _archs.inputs("mlp", 50)
     merger = ModelMerger(models, PermutationAligner(), device="cpu").fit(inputs)
-    logits = _outputs(merger.merged_model_, inputs)
+    logits = _archs.outputs(merger.merged_model_, inputs)
     np.testing.assert_array_equal(merger.predict(inputs), logits.argmax(1).numpy())
     np.testing.assert_allclose(merger.predict_proba(inputs), torch.softmax(logits, 1).numpy(), rtol=1e-5)
     labels = logits.argmax(1).numpy()
@@ -233,14 +207,14 @@ def test_predict_and_score_use_the_merged_model():
 
 # ----------------------------------------------------------------- bad input
 def test_bad_inputs_raise_clear_errors():
-    mlp = _make("mlp", seed=0)
-    inputs = _inputs("mlp", 20)
+    mlp = _archs.make_model("mlp", seed=0)
+    inputs = _archs.inputs("mlp", 20)
     with pytest.raises(ValueError, match="at least 2 models"):
         ModelMerger([mlp]).fit(inputs)
     with pytest.raises(TypeError, match="list or tuple"):
         ModelMerger(mlp).fit(inputs)
     with pytest.raises(ValueError, match="one architecture"):
-        ModelMerger([mlp, _make("cat", seed=0)]).fit(inputs)
+        ModelMerger([mlp, _archs.make_model("cat", seed=0)]).fit(inputs)
     wider = nn.Sequential(nn.Flatten(), nn.Linear(inputs[0].numel(), 7))
     narrower = nn.Sequential(nn.Flatten(), nn.Linear(inputs[0].numel(), 5))
     with pytest.raises(ValueError, match="shape"):
@@ -373,15 +347,15 @@ def test_taps_reading_the_same_tensor_count_each_sample_once():
 
 
 def test_precision_follows_the_models_and_single_matches_double():
-    models = [_make("mlp", seed) for seed in range(3)]
-    inputs = _inputs("mlp", 300)
+    models = [_archs.make_model("mlp", seed) for seed in range(3)]
+    inputs = _archs.inputs("mlp", 300)
     auto = ModelMerger(models, CCAAligner(), device="cpu").fit(inputs)
     single = ModelMerger(models, CCAAligner(), device="cpu", precision="single").fit(inputs)
     assert {s.precision for s in auto.statistics_} == {"double"}  # float64 models
     assert {s.precision for s in single.statistics_} == {"single"}
     for a, b in zip(auto.merged_model_.state_dict().values(), single.merged_model_.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    float32 = [_make("mlp", seed, dtype=torch.float32) for seed in range(2)]
+    float32 = [_archs.make_model("mlp", seed, dtype=torch.float32) for seed in range(2)]
     merger = ModelMerger(float32, CCAAligner(), device="cpu").fit(inputs.float())
     assert {s.precision for s in merger.statistics_} == {"single"}
     with pytest.raises(ValueError, match="precision must be"):

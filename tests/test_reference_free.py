@@ -35,21 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _make(name, seed, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return _archs.ARCHITECTURES[name]().to(dtype).eval()
-
-
-def _inputs(name, n, seed=0):
-    return _archs.example_input(_archs.ARCHITECTURES[name], n, seed, dtype=torch.float64)
-
-
-def _outputs(model, inputs):
-    with torch.no_grad():
-        return model.eval()(inputs)
-
-
-def _state(model):
-    return {key: value.clone() for key, value in model.state_dict().items()}
+    return _archs.make_model(name, seed, dtype, randomize_bn=False)
 
 
 def _views(seed, n, dims=(5, 3, 4), offset=100.0):
@@ -62,7 +48,7 @@ def _views(seed, n, dims=(5, 3, 4), offset=100.0):
 def _noisy_permuted_copies(sigma=0.5, n_models=4, seed=0):
     """Copies of one MLP with weight noise, each permuted at random: ambiguous matchings."""
     base = _make("mlp", seed)
-    inputs = _inputs("mlp", 512, seed)
+    inputs = _archs.inputs("mlp", 512, seed)
     models = []
     for k in range(n_models):
         model = copy.deepcopy(base)
@@ -137,7 +123,7 @@ def _captured(model, inputs, module):
     seen = []
     handle = model.get_submodule(module).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     try:
-        _outputs(model, inputs)
+        _archs.outputs(model, inputs)
     finally:
         handle.remove()
     return seen[0].numpy()
@@ -145,7 +131,7 @@ def _captured(model, inputs, module):
 
 def test_statistics_and_leave_one_out_targets_match_captured_activations():
     models = [_make("mlp", seed) for seed in range(4)]
-    inputs = _inputs("mlp", 300)
+    inputs = _archs.inputs("mlp", 300)
     weights = np.array([0.1, 0.2, 0.3, 0.4])
     merger = ReferenceFreeMerger(models, CCAAligner(0.2), weights=weights, device="cpu",
                                  max_iter=3, batch_size=64).fit(inputs)
@@ -195,15 +181,15 @@ def test_statistics_and_leave_one_out_targets_match_captured_activations():
 @pytest.mark.parametrize("aligner", [PermutationAligner(), CCAAligner()], ids=["permutation", "cca"])
 def test_permuted_copies_merge_into_the_model_for_every_reference(name, aligner):
     model = _make(name, seed=0)
-    inputs = _inputs(name, 256)
+    inputs = _archs.inputs(name, 256)
     spaces = find_spaces(model, inputs[:2])
     copies = [model] + [permute_model(model, spaces=spaces, seed=s)[0] for s in (1, 2)]
-    expected = _outputs(model, inputs)
+    expected = _archs.outputs(model, inputs)
     tolerance = 1e-10 if isinstance(aligner, PermutationAligner) else 1e-6
     for reference in range(3):
         merger = ReferenceFreeMerger(copies, clone(aligner), reference=reference, spaces=spaces,
                                      reset_bn=False, device="cpu").fit(inputs)
-        torch.testing.assert_close(_outputs(merger.merged_model_, inputs), expected,
+        torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), expected,
                                    rtol=tolerance, atol=tolerance)
         # every model has an aligner, the reference included
         assert all(a is not None for row in merger.aligners_ for a in row)
@@ -221,13 +207,13 @@ def test_permuted_copies_merge_into_the_model_for_every_reference(name, aligner)
 
 def test_repair_works_in_the_common_basis():
     model = _make("mlp", seed=0)
-    inputs = _inputs("mlp", 256)
+    inputs = _archs.inputs("mlp", 256)
     copies = [model] + [permute_model(model, inputs[:2], seed=s)[0] for s in (1, 2)]
     merger = ReferenceFreeMerger(copies, PermutationAligner(), reference=2, repair=True,
                                  device="cpu").fit(inputs)
     assert "repair" in merger.timings_
     # the aligned copies agree exactly, so REPAIR has nothing to correct
-    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs),
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs),
                                rtol=1e-8, atol=1e-8)
 
 
@@ -293,7 +279,7 @@ def test_grid_search_joblib_and_inherited_methods(digits_models, tmp_path):
         torch.testing.assert_close(sum(s[key] for s in states) / 3, merged[key])
     assert not all(torch.equal(states[0][key], models[0].state_dict()[key]) for key in merged)
     uniform = best.merge_with_weights([1, 1, 1])
-    torch.testing.assert_close(_outputs(uniform, test.tensors[0]), _outputs(best.merged_model_, test.tensors[0]))
+    torch.testing.assert_close(_archs.outputs(uniform, test.tensors[0]), _archs.outputs(best.merged_model_, test.tensors[0]))
     # raw correlations against the starting reference, from the joint statistics
     assert correlation_matrix(best, space=0, model=1).shape == (64, 64)
 
@@ -302,8 +288,8 @@ def test_grid_search_joblib_and_inherited_methods(digits_models, tmp_path):
 def test_inputs_are_never_modified_and_modes_are_restored():
     models = [_make("vgg", seed) for seed in range(3)]
     models[1].train()
-    before = [_state(m) for m in models]
-    ReferenceFreeMerger(models, CCAAligner(), device="cpu", max_iter=2).fit(_inputs("vgg", 64))
+    before = [_archs.state_copy(m) for m in models]
+    ReferenceFreeMerger(models, CCAAligner(), device="cpu", max_iter=2).fit(_archs.inputs("vgg", 64))
     for state, model in zip(before, models):
         after = model.state_dict()
         assert all(torch.equal(state[key], after[key]) for key in state)
@@ -337,12 +323,12 @@ def test_clone_get_params_and_parameters_of_model_merger():
 def test_bad_parameters_raise_clear_errors(params, match):
     models = [_make("mlp", seed) for seed in range(3)]
     with pytest.raises(ValueError, match=match):
-        ReferenceFreeMerger(models, **{"device": "cpu", **params}).fit(_inputs("mlp", 32))
+        ReferenceFreeMerger(models, **{"device": "cpu", **params}).fit(_archs.inputs("mlp", 32))
 
 
 def test_other_errors_and_edge_cases(monkeypatch):
     models = [_make("mlp", seed) for seed in range(3)]
-    inputs = _inputs("mlp", 64)
+    inputs = _archs.inputs("mlp", 64)
     with pytest.raises(ValueError, match="at least 2 models"):
         ReferenceFreeMerger(models[:1], device="cpu").fit(inputs)
     with pytest.raises(ValueError, match="needs alignment data"):
@@ -363,7 +349,7 @@ def test_other_errors_and_edge_cases(monkeypatch):
     # one model with all the weight: the targets average the others uniformly, and the
     # merged model is that model, permuted
     lopsided = ReferenceFreeMerger(models, PermutationAligner(), weights=[0, 1, 0], device="cpu").fit(inputs)
-    torch.testing.assert_close(_outputs(lopsided.merged_model_, inputs), _outputs(models[1], inputs))
+    torch.testing.assert_close(_archs.outputs(lopsided.merged_model_, inputs), _archs.outputs(models[1], inputs))
     # a space that is never observed keeps each model's basis (no aligner), with a warning
     spaces = find_spaces(models[0], inputs[:2])
     spaces[0] = dataclasses.replace(spaces[0], taps=())
@@ -428,13 +414,13 @@ SHARDS = (70, 50)
 
 def _sharded_fit(rank=None):
     models = [_make("mlp", seed) for seed in range(3)]
-    data = _inputs("mlp", sum(SHARDS), seed=5) + 10.0
+    data = _archs.inputs("mlp", sum(SHARDS), seed=5) + 10.0
     if rank is not None:
         start = sum(SHARDS[:rank])
         data = data[start:start + SHARDS[rank]]
     merger = ReferenceFreeMerger(models, CCAAligner(), device="cpu", batch_size=SHARDS[0]).fit(data)
     return {"statistics": merger.statistics_, "n_seen": merger.n_samples_seen_,
-            "state_dict": _state(merger.merged_model_)}
+            "state_dict": _archs.state_copy(merger.merged_model_)}
 
 
 def _worker(rank: int, port: int, out: str) -> None:

@@ -37,23 +37,6 @@ torch.set_num_threads(1)  # tiny models: threads only contend
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _make(name, seed, dtype=torch.float64):
-    return _archs.make_model(name, seed, dtype)
-
-
-def _inputs(name, n, seed=0):
-    return _archs.example_input(_archs.ARCHITECTURES[name], n, seed, dtype=torch.float64)
-
-
-def _outputs(model, inputs):
-    with torch.no_grad():
-        return model.eval()(inputs)
-
-
-def _state(model):
-    return {key: value.clone() for key, value in model.state_dict().items()}
-
-
 @torch.no_grad()
 def _channel_stats(model, paths, inputs):
     """Independent: per-channel mean and (biased) std of each module's output, all calls pooled."""
@@ -89,16 +72,16 @@ def _aligned_models(merger):
 @pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "cat"])
 def test_repair_is_a_no_op_on_a_permuted_copy(name):
     """Merging a model with a permuted copy of itself already gives the model: REPAIR keeps it."""
-    inputs = _inputs(name, 96)
+    inputs = _archs.inputs(name, 96)
     # BatchNorm statistics of the data (one batch), as the merger's reset computes them.
-    model = reset_bn_stats(_make(name, seed=0), inputs, batch_size=96)
+    model = reset_bn_stats(_archs.make_model(name, seed=0), inputs, batch_size=96)
     permuted, _ = permute_model(model, inputs[:2], seed=1)
     plain = ModelMerger([model, permuted], PermutationAligner(), batch_size=96, device="cpu").fit(inputs)
     merger = ModelMerger([model, permuted], PermutationAligner(), batch_size=96, repair=True,
                          device="cpu").fit(inputs)
-    expected = _outputs(model, inputs)
-    torch.testing.assert_close(_outputs(plain.merged_model_, inputs), expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), expected, rtol=1e-10, atol=1e-12)
+    expected = _archs.outputs(model, inputs)
+    torch.testing.assert_close(_archs.outputs(plain.merged_model_, inputs), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), expected, rtol=1e-10, atol=1e-12)
     # The parameters themselves are unchanged up to rounding (scale 1, shift 0 everywhere).
     for key, value in plain.merged_model_.state_dict().items():
         torch.testing.assert_close(merger.merged_model_.state_dict()[key], value, rtol=1e-10, atol=1e-12,
@@ -117,15 +100,15 @@ CASES = {
 
 def test_repair_points_are_the_hidden_outputs():
     for name, (arch, expected) in CASES.items():
-        model = _make(arch, seed=0)
-        example = _inputs(arch, 2)
+        model = _archs.make_model(arch, seed=0)
+        example = _archs.inputs(arch, 2)
         points, skipped = _find_repair_points(model, example, find_spaces(model, example))
         assert [p.module for p in points] == expected, name
         assert skipped == []
     # CatNet: branch_a (no BN after it) at its own output, branch_b at bn_b's, the BN over the
     # concatenation (both spaces), mix; never fc (the network's output).
-    model = _make("cat", seed=0)
-    example = _inputs("cat", 2)
+    model = _archs.make_model("cat", seed=0)
+    example = _archs.inputs("cat", 2)
     points, _ = _find_repair_points(model, example, find_spaces(model, example))
     assert [p.module for p in points] == ["branch_a", "bn_b", "bn_cat", "mix"]
     assert torch.equal(next(p for p in points if p.module == "bn_cat").channels, torch.arange(10))
@@ -135,8 +118,8 @@ def test_repair_points_are_the_hidden_outputs():
 @pytest.mark.parametrize("n_batches", [1, 4])
 def test_merged_statistics_equal_the_interpolated_ones(case, n_batches):
     arch, paths = CASES[case]
-    models = [_make(arch, seed=s) for s in range(3)]
-    inputs = _inputs(arch, 240)
+    models = [_archs.make_model(arch, seed=s) for s in range(3)]
+    inputs = _archs.inputs(arch, 240)
     weights = np.array([0.2, 0.5, 0.3])
     merger = ModelMerger(models, IdentityAligner(), weights=weights, batch_size=240 // n_batches,
                          repair=True, device="cpu").fit(inputs)
@@ -170,8 +153,8 @@ def test_merged_statistics_equal_the_interpolated_ones(case, n_batches):
 
 
 def test_merge_with_weights_repairs_with_the_new_weights():
-    models = [_make("mlp", seed=s) for s in range(3)]
-    inputs = _inputs("mlp", 120)
+    models = [_archs.make_model("mlp", seed=s) for s in range(3)]
+    inputs = _archs.inputs("mlp", 120)
     merger = ModelMerger(models, PermutationAligner(), repair=True, device="cpu").fit(inputs)
     # The fitted weights rebuild the fitted model exactly.
     again = merger.merge_with_weights(merger.weights_, inputs)
@@ -276,10 +259,10 @@ def test_grid_search_over_repair(digits_models):
 
 # --------------------------------------------------------- what it leaves alone
 def test_inputs_unchanged_and_same_keys():
-    models = [_make("vgg", seed=s) for s in range(2)]
+    models = [_archs.make_model("vgg", seed=s) for s in range(2)]
     models[1].train()
-    before = [_state(m) for m in models]
-    merger = ModelMerger(models, CCAAligner(), repair=True, device="cpu").fit(_inputs("vgg", 64))
+    before = [_archs.state_copy(m) for m in models]
+    merger = ModelMerger(models, CCAAligner(), repair=True, device="cpu").fit(_archs.inputs("vgg", 64))
     for state, model in zip(before, models):
         after = model.state_dict()
         assert state.keys() == after.keys()
@@ -291,11 +274,11 @@ def test_inputs_unchanged_and_same_keys():
 
 
 def test_repair_function_leaves_the_aligned_models_alone():
-    aligned = [_make("mlp", seed=s) for s in range(2)]
+    aligned = [_archs.make_model("mlp", seed=s) for s in range(2)]
     aligned[0].train()
-    before = [_state(m) for m in aligned]
+    before = [_archs.state_copy(m) for m in aligned]
     merged = copy.deepcopy(aligned[1])
-    inputs = _inputs("mlp", 50)
+    inputs = _archs.inputs("mlp", 50)
     result = repair_(merged, aligned, [1, 3], inputs, batch_size=16)
     assert result is merged and not merged.training
     assert [m.training for m in aligned] == [True, False]
@@ -330,14 +313,14 @@ def test_bias_free_layers_are_skipped_with_one_warning():
     # ResNets: bias-free convolutions feed BatchNorm layers, which are repaired: no warning.
     with warnings.catch_warnings():
         warnings.simplefilter("error", RepairWarning)
-        ModelMerger([_make("resnet", 0), _make("resnet", 1)], IdentityAligner(), repair=True,
-                    device="cpu").fit(_inputs("resnet", 32))
+        ModelMerger([_archs.make_model("resnet", 0), _archs.make_model("resnet", 1)], IdentityAligner(), repair=True,
+                    device="cpu").fit(_archs.inputs("resnet", 32))
 
 
 # -------------------------------------------------------------- errors, sklearn
 def test_errors():
-    models = [_make("mlp", seed=s) for s in range(2)]
-    inputs = _inputs("mlp", 20)
+    models = [_archs.make_model("mlp", seed=s) for s in range(2)]
+    inputs = _archs.inputs("mlp", 20)
     with pytest.raises(ValueError, match="repair=True needs data"):
         ModelMerger(models, repair=True, device="cpu").fit(None)
     with pytest.raises(ValueError, match="repair=True needs data"):
@@ -350,7 +333,7 @@ def test_errors():
     with pytest.raises(ValueError, match="empty"):
         repair_(merged, models, None, inputs[:0])
     with pytest.raises(ValueError, match="architecture"):
-        repair_(merged, [_make("cat", 0)], None, inputs)
+        repair_(merged, [_archs.make_model("cat", 0)], None, inputs)
     with pytest.raises(TypeError, match="list or tuple"):
         repair_(merged, models[0], None, inputs)
     broken = copy.deepcopy(models[1])
@@ -361,7 +344,7 @@ def test_errors():
 
 
 def test_sklearn_params_and_clone():
-    models = [_make("mlp", seed=s) for s in range(2)]
+    models = [_archs.make_model("mlp", seed=s) for s in range(2)]
     merger = ModelMerger(models, CCAAligner(), repair=True)
     assert merger.get_params()["repair"] is True
     assert ModelMerger(models).get_params()["repair"] is False
@@ -373,16 +356,16 @@ def test_sklearn_params_and_clone():
 
 
 def test_weight_matching_with_repair():
-    model = _make("vgg", seed=0)
-    inputs = _inputs("vgg", 64)
+    model = _archs.make_model("vgg", seed=0)
+    inputs = _archs.inputs("vgg", 64)
     model = reset_bn_stats(model, inputs, batch_size=64)
     permuted, _ = permute_model(model, inputs[:2], seed=3)
     merger = WeightMatchingMerger([model, permuted], repair=True, batch_size=64, device="cpu",
                                   random_state=0).fit(inputs)
-    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs),
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs),
                                rtol=1e-10, atol=1e-12)
     assert "repair" in merger.timings_
-    other = _make("vgg", seed=1)
+    other = _archs.make_model("vgg", seed=1)
     repaired = WeightMatchingMerger([model, other], repair=True, device="cpu", random_state=0).fit(inputs)
     plain = WeightMatchingMerger([model, other], device="cpu", random_state=0).fit(inputs)
     assert not torch.equal(repaired.merged_model_.features[1].weight, plain.merged_model_.features[1].weight)
@@ -407,7 +390,7 @@ SHARDS = (100, 60)
 
 
 def _distributed_case(name, data, batch_size):
-    models = [_make(name, seed=s, dtype=torch.float32) for s in range(2)]
+    models = [_archs.make_model(name, seed=s, dtype=torch.float32) for s in range(2)]
     merger = ModelMerger(models, PermutationAligner(), repair=True, batch_size=batch_size, device="cpu")
     return {k: v.clone() for k, v in merger.fit(data).merged_model_.state_dict().items()}
 

@@ -25,19 +25,6 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _make(name, seed, dtype=torch.float64):
-    return _archs.make_model(name, seed, dtype)
-
-
-def _inputs(name, n, seed=0):
-    return _archs.example_input(_archs.ARCHITECTURES[name], n, seed, dtype=torch.float64)
-
-
-def _outputs(model, inputs):
-    with torch.no_grad():
-        return model.eval()(inputs)
-
-
 def _found(merger, k=1):
     return [row[k].permutation_ for row in merger.aligners_]
 
@@ -45,30 +32,30 @@ def _found(merger, k=1):
 # ----------------------------------------------------------------- exactness
 @pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "cat", "norm"])
 def test_permuted_copy_is_undone_exactly_without_data(name):
-    model = _make(name, seed=0)
-    inputs = _inputs(name, 32)
+    model = _archs.make_model(name, seed=0)
+    inputs = _archs.inputs(name, 32)
     permuted, perms = permute_model(model, inputs[:2], seed=1)
     merger = WeightMatchingMerger([model, permuted], reset_bn=False, device="cpu",
                                   example_input=inputs[:2], random_state=0).fit()
     # random weights have no ties: the found permutations are the inverses of the random ones
     for perm, found in zip(perms, _found(merger)):
         assert torch.equal(perm[torch.as_tensor(found)], torch.arange(len(perm)))
-    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs),
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs),
                                rtol=1e-12, atol=1e-12)
     assert merger.n_iter_[0] == 0 and 2 <= merger.n_iter_[1] <= 10
     assert merger.n_samples_seen_ == 0 and merger.timings_["statistics"] == 0.0
     # the reference may be either model: the merge is then the permuted copy's function
     swapped = WeightMatchingMerger([model, permuted], reference=1, reset_bn=False, device="cpu",
                                    example_input=inputs[:2]).fit()
-    torch.testing.assert_close(_outputs(swapped.merged_model_, inputs), _outputs(model, inputs),
+    torch.testing.assert_close(_archs.outputs(swapped.merged_model_, inputs), _archs.outputs(model, inputs),
                                rtol=1e-12, atol=1e-12)
 
 
 def test_data_only_finds_spaces_and_resets_batchnorm():
-    model = _make("vgg", seed=0)
-    inputs = _inputs("vgg", 64)
+    model = _archs.make_model("vgg", seed=0)
+    inputs = _archs.inputs("vgg", 64)
     permuted, _ = permute_model(model, inputs[:2], seed=2)
-    other = _make("vgg", seed=3)
+    other = _archs.make_model("vgg", seed=3)
     free = WeightMatchingMerger([model, permuted, other], reset_bn=False, device="cpu",
                                 example_input=inputs[:2], random_state=0).fit()
     with_data = WeightMatchingMerger([model, permuted, other], device="cpu", random_state=0).fit(inputs)
@@ -84,12 +71,12 @@ def test_data_only_finds_spaces_and_resets_batchnorm():
 
 
 def test_three_copies_and_groupnorm_blocks():
-    model = _make("norm", seed=0)
-    inputs = _inputs("norm", 16)
+    model = _archs.make_model("norm", seed=0)
+    inputs = _archs.inputs("norm", 16)
     spaces = find_spaces(model, inputs[:2])
     copies = [model] + [permute_model(model, spaces=spaces, seed=s)[0] for s in (4, 5)]
     merger = WeightMatchingMerger(copies, spaces=spaces, reset_bn=False, device="cpu").fit()
-    torch.testing.assert_close(_outputs(merger.merged_model_, inputs), _outputs(model, inputs),
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs),
                                rtol=1e-12, atol=1e-12)
     # no input at all (spaces by hand): classes_ is set at the first prediction
     assert not hasattr(merger, "classes_")
@@ -97,16 +84,16 @@ def test_three_copies_and_groupnorm_blocks():
     assert predicted.shape == (16,) and set(predicted) <= set(range(5))
     assert not hasattr(merger, "classes_")  # predict does not change the estimator
     # GroupNorm: permutations of another (non-copy) model stay inside the groups
-    other = WeightMatchingMerger([model, _make("norm", seed=1)], spaces=spaces, device="cpu").fit()
+    other = WeightMatchingMerger([model, _archs.make_model("norm", seed=1)], spaces=spaces, device="cpu").fit()
     gn_space = next(i for i, s in enumerate(spaces) if s.block_size != s.dim)
     perm, block = other.aligners_[gn_space][1].permutation_, spaces[gn_space].block_size
     np.testing.assert_array_equal(perm // block, np.arange(len(perm)) // block)
 
 
 def test_weight_matching_function_and_helpers():
-    model = _make("resnet", seed=0)
-    permuted, perms = permute_model(model, _inputs("resnet", 2), seed=7)
-    spaces = find_spaces(model, _inputs("resnet", 2))
+    model = _archs.make_model("resnet", seed=0)
+    permuted, perms = permute_model(model, _archs.inputs("resnet", 2), seed=7)
+    spaces = find_spaces(model, _archs.inputs("resnet", 2))
     found, n_iter, converged = weight_matching(model.state_dict(), permuted.state_dict(), spaces,
                                                random_state=1)
     assert converged and n_iter >= 2
@@ -152,10 +139,10 @@ def test_weight_matching_beats_identity_averaging_on_digits():
 
 # ---------------------------------------------------------- scikit-learn API
 def test_clone_get_params_and_joblib(tmp_path):
-    model = _make("mlp", seed=0)
-    inputs = _inputs("mlp", 16)
+    model = _archs.make_model("mlp", seed=0)
+    inputs = _archs.inputs("mlp", 16)
     permuted, _ = permute_model(model, inputs[:2], seed=1)
-    other = _make("mlp", seed=1)
+    other = _archs.make_model("mlp", seed=1)
     merger = WeightMatchingMerger([model, permuted, other], example_input=inputs[:2], device="cpu",
                                   max_iter=50, random_state=3)
     params = merger.get_params()
@@ -176,15 +163,15 @@ def test_clone_get_params_and_joblib(tmp_path):
     states = merger.aligned_state_dicts()
     assert len(states) == 3
     only_copy = merger.merge_with_weights([0, 1, 0])
-    torch.testing.assert_close(_outputs(only_copy, inputs), _outputs(model, inputs))
+    torch.testing.assert_close(_archs.outputs(only_copy, inputs), _archs.outputs(model, inputs))
     assert merger.n_features_in_ == 12 and list(merger.classes_) == list(range(5))
 
 
 def test_models_are_not_modified():
-    model = _make("resnet", seed=0).train()
-    other = _make("resnet", seed=1)
+    model = _archs.make_model("resnet", seed=0).train()
+    other = _archs.make_model("resnet", seed=1)
     before = [copy.deepcopy(m.state_dict()) for m in (model, other)]
-    WeightMatchingMerger([model, other], example_input=_inputs("resnet", 2), reset_bn=False,
+    WeightMatchingMerger([model, other], example_input=_archs.inputs("resnet", 2), reset_bn=False,
                          device="cpu").fit()
     assert model.training and not other.training
     for state, m in zip(before, (model, other)):
@@ -194,14 +181,14 @@ def test_models_are_not_modified():
 
 # ---------------------------------------------------------------- bad inputs
 def test_bad_inputs():
-    mlp = _make("mlp", seed=0)
-    example = _inputs("mlp", 2)
+    mlp = _archs.make_model("mlp", seed=0)
+    example = _archs.inputs("mlp", 2)
     with pytest.raises(ValueError, match="at least 2 models"):
         WeightMatchingMerger([mlp], example_input=example).fit()
     with pytest.raises(TypeError, match="list or tuple"):
         WeightMatchingMerger(mlp, example_input=example).fit()
     with pytest.raises(ValueError, match="one architecture"):
-        WeightMatchingMerger([mlp, _make("vgg", seed=0)], example_input=example).fit()
+        WeightMatchingMerger([mlp, _archs.make_model("vgg", seed=0)], example_input=example).fit()
     with pytest.raises(ValueError, match="needs an input"):
         WeightMatchingMerger([mlp, mlp]).fit()
     with pytest.raises(ValueError, match="max_iter"):
@@ -220,9 +207,9 @@ def test_bad_inputs():
 
 
 def test_batchnorm_without_data_warns_and_max_iter_warns():
-    vgg = _make("vgg", seed=0)
-    other = _make("vgg", seed=1)
-    example = _inputs("vgg", 2)
+    vgg = _archs.make_model("vgg", seed=0)
+    other = _archs.make_model("vgg", seed=1)
+    example = _archs.inputs("vgg", 2)
     with pytest.warns(UserWarning, match="BatchNorm"):
         WeightMatchingMerger([vgg, other], example_input=example, device="cpu").fit()
     with warnings.catch_warnings():
