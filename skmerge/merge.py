@@ -289,7 +289,9 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             self.spaces_ = self._spaces(working[reference], example)
             self.aligners_ = self._fit_aligners(working, reference, loader, dtype)
             tick = time.perf_counter()
-            merged = self._averaged_state(working, self.weights_, reference)
+            # REPAIR needs the aligned states again: transform each model once.
+            aligned = list(self._aligned_states(working)) if repair else None
+            merged = self._averaged_state(working, self.weights_, reference, aligned)
         finally:
             for model, mode in zip(models, modes):
                 model.train(mode)
@@ -312,7 +314,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self.timings_["reset_bn"] = time.perf_counter() - tick
         if repair:
             tick = time.perf_counter()
-            self._repair(merged_model, working, self.weights_, loader)
+            self._repair(merged_model, aligned, self.weights_, loader)
+            del aligned
             self.timings_["repair"] = time.perf_counter() - tick
         self.timings_["total"] = time.perf_counter() - start
 
@@ -454,10 +457,10 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         warnings.warn(f"{message} Pass more alignment data.", SmallSampleMergeWarning, stacklevel=4)
         return aligner
 
-    def _repair(self, merged_model: nn.Module, models, weights, data) -> None:
-        """REPAIR ``merged_model`` in place against ``models`` in the reference's basis."""
+    def _repair(self, merged_model: nn.Module, aligned_states, weights, data) -> None:
+        """REPAIR ``merged_model`` in place against the models' states in the reference's basis."""
         aligned = []
-        for state in self._aligned_states(models):
+        for state in aligned_states:
             model = copy.deepcopy(merged_model)
             model.load_state_dict(state)
             aligned.append(model.eval())
@@ -471,9 +474,12 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             transforms = [_transform_of(row[k]) for row in self.aligners_]
             yield apply_transforms(state, self.spaces_, transforms)
 
-    def _averaged_state(self, models, weights, reference: int) -> dict:
+    def _averaged_state(self, models, weights, reference: int, aligned_states=None) -> dict:
+        """The weighted mean of the aligned states (computed from ``models`` when not given)."""
+        if aligned_states is None:
+            aligned_states = self._aligned_states(models)
         merged = None
-        for weight, state in zip(weights, self._aligned_states(models)):
+        for weight, state in zip(weights, aligned_states):
             weight = float(weight)
             if merged is None:
                 merged = {key: _scaled(value, weight) for key, value in state.items()}
@@ -537,13 +543,14 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         if repair and X is None:
             raise ValueError("This merger has repair=True: merge_with_weights needs data X to "
                              "repair the new model (REPAIR measures activations).")
-        state = self._averaged_state(models, weights, self._validated_reference(len(models)))
+        aligned = list(self._aligned_states(models)) if repair else None
+        state = self._averaged_state(models, weights, self._validated_reference(len(models)), aligned)
         model = copy.deepcopy(self.merged_model_)
         model.load_state_dict(state)
         if X is not None and self.reset_bn and has_batchnorm(model):
             reset_bn_stats(model, X, batch_size=self.batch_size, device=self.device_)
         if repair:
-            self._repair(model, models, weights, X)
+            self._repair(model, aligned, weights, X)
         return model.eval()
 
     @staticmethod

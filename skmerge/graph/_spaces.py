@@ -173,8 +173,8 @@ class Tap:
 
         For a ``(N, C, *spatial)`` convolution input observed on axis 1 this is
         a strided view ``(N, prod(spatial), dim)`` of the tensor itself (the
-        statistics then multiply it group by group instead of first copying it
-        into a sample matrix); otherwise one group holding :meth:`extract`'s
+        statistics center it straight into the layout their matrix products
+        read, its only copy); otherwise one group holding :meth:`extract`'s
         matrix.
         """
         if self.block == 1 and tensor.ndim >= 3 and self.axis in (1, 1 - tensor.ndim):
