@@ -483,6 +483,7 @@ def make_tables(results: dict) -> dict[str, tuple[list, list]]:
 def write_outputs(results: dict, args) -> None:
     tables = make_tables(results)
     prefix = args.doc_prefix
+    cfg = results["config"]
     titles = {"two_models": "Merging 2 models (test accuracy %, mean ± std over model sets)",
               "n_models": "Merging 2 to 8 models (test accuracy %, mean ± std over model sets)",
               "skewed": "2 models trained on a skewed split (test accuracy %)",
@@ -494,7 +495,6 @@ def write_outputs(results: dict, args) -> None:
             continue
         write_text(args.docs_dir / f"{prefix}_{key}.inc", rst_table(header, rows))
         text.append(titles[key] + "\n\n" + text_table(header, rows))
-    cfg = results["config"]
     meta = (f"Data: {cfg['dataset']} at {cfg['image_size']}x{cfg['image_size']} pixels, "
             f"{cfg['n_train']} stratified training images per model, {cfg['n_heldout']} other training "
             f"images held out for alignment and cross-validation, {cfg['n_test']} stratified test images. "
@@ -508,51 +508,60 @@ def write_outputs(results: dict, args) -> None:
             + ", of which training "
             f"{results.get('train_seconds_this_run', 0.0) / 60:.1f} min; training all base models took "
             f"{results['train_seconds'] / 60:.1f} min (their checkpoints are cached and reused).\n")
-    summary = headline(results)
+    title = (f"Test accuracy (%) of {min(cfg['n_models'])} and {max(cfg['n_models'])} merged "
+             f"models, mean over {cfg['sets']} model sets")
+    header, rows = headline_table(results)
+    write_text(args.docs_dir / f"{prefix}_headline.inc",
+               rst_table(header, rows, title=title))
+    header, rows = headline_table(results, bold="")
+    text.insert(0, title + "\n\n" + text_table(header, rows))
     write_text(args.docs_dir / f"{prefix}_meta.inc", meta)
-    write_text(args.docs_dir / f"{prefix}_summary.inc", summary)
-    write_text(args.docs_dir / f"{prefix}_tables.txt", meta + "\n" + summary + "\n" + "\n".join(text))
+    write_text(args.docs_dir / f"{prefix}_tables.txt", meta + "\n" + "\n".join(text))
     plot(results, args.docs_dir / f"{prefix}_vs_models.png")
-    print(meta + "\n" + summary + "\n" + "\n".join(text))
+    print(meta + "\n" + "\n".join(text))
 
 
 def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def headline(results: dict) -> str:
-    """Generated bullet list: per family, accuracies at 2 models and at the largest number."""
+def headline_table(results: dict, *, bold: str = "**") -> tuple[list[str], list[list[str]]]:
+    """The headline table: per family, 2 models and the most models, every column.
+
+    Cells are mean test accuracies (%) over the model sets. The best merge of
+    each row (every merge that ties with it at the printed digit) is wrapped in
+    ``bold`` (reST strong emphasis; ``""`` for plain text), and the family is
+    named on its first row only.
+    """
     ns = results["config"]["n_models"]
     labels, columns = labels_for(results), columns_for(results)
-    aligners = [c for c in columns if c in ALIGNERS]
-    lines = []
+    rows = []
     for fam in results["families"].values():
-        if not fam["records"]:
-            continue
-        parts = []
+        first = True
         for n in sorted({min(ns), max(ns)}):
-            vals = {c: _mean(_values(fam, "n_models", n, c)) for c in columns}
-            if vals["base"] is None:
+            means = {c: _mean(_values(fam, "n_models", n, c)) for c in columns}
+            if means["base"] is None:
                 continue
-            best = max(aligners, key=lambda c: vals[c])
-            parts.append(
-                f"{n} models: " + ", ".join(f"{labels[c]} {100 * vals[c]:.1f}" for c in columns)
-                + f" (best merge: {labels[best]}, {100 * (vals[best] - vals['ensemble']):+.1f} points "
-                f"vs the ensemble)")
-        lines.append(f"- **{fam['label']}** -- " + "; ".join(parts) + ".")
-    return "\n".join(lines) + "\n"
+            cells = {c: "–" if v is None else f"{100 * v:.1f}" for c, v in means.items()}
+            best = max(float(cells[c]) for c in columns if c in ALIGNERS and means[c] is not None)
+            row = [fam["label"] if first else "", f"{n}"]
+            for c in columns:
+                is_best = c in ALIGNERS and means[c] is not None and float(cells[c]) == best
+                row.append(f"{bold}{cells[c]}{bold}" if is_best and bold else cells[c])
+            rows.append(row)
+            first = False
+    return ["family", "merged models"] + [labels[c] for c in columns], rows
 
 
 def plot(results: dict, path: Path) -> None:
+    """Accuracy against the number of merged models, one panel per family, one shared legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    try:
-        from skmerge.plotting import plot_accuracy_vs_models
-    except ImportError:  # pragma: no cover - the colleague's module is optional
-        plot_accuracy_vs_models = None
+    from skmerge.plotting import plot_accuracy_vs_models
+
     fams = [f for f in results["families"].values() if f["records"]]
     if not fams:
         return
@@ -560,30 +569,23 @@ def plot(results: dict, path: Path) -> None:
     cols = min(3, len(fams))
     rows = (len(fams) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False,
-                             constrained_layout=True)
+                             sharey=True, constrained_layout=True)
     for ax, fam in zip(axes.flat, fams):
         records = [{"aligner": labels[r["aligner"]], "n_models": r["n_models"], "accuracy": 100 * r["accuracy"]}
                    for r in fam["records"] if r["experiment"] == "n_models" and r["aligner"] != "base"]
         base = 100 * float(np.mean([m["accuracy"] for m in fam["models"]]))
-        if plot_accuracy_vs_models is not None:
-            plot_accuracy_vs_models(records, ax=ax, baselines={"base models (mean)": base})
-        else:
-            for label in dict.fromkeys(r["aligner"] for r in records):
-                ns = sorted({r["n_models"] for r in records if r["aligner"] == label})
-                vals = [[r["accuracy"] for r in records if r["aligner"] == label and r["n_models"] == n]
-                        for n in ns]
-                ax.errorbar(ns, [np.mean(v) for v in vals],
-                            yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
-                            marker="o", capsize=3, label=label)
-            ax.axhline(base, linestyle=":", color="k", label="base models (mean)")
-            ax.legend(fontsize="small")
+        plot_accuracy_vs_models(records, ax=ax, baselines={"base models (mean)": base})
         ax.set_title(fam["label"])
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_xlabel("number of merged models")
-        if ax.get_legend() is not None and ax is not axes.flat[0]:
-            ax.get_legend().remove()
-    for ax in list(axes.flat)[len(fams):]:
-        ax.set_visible(False)
+        ax.set_ylabel("test accuracy (%)" if ax in axes[:, 0] else "")
+        ax.get_legend().remove()
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    spare = list(axes.flat)[len(fams):]
+    for ax in spare:
+        ax.set_axis_off()
+    if spare:  # the legend takes the first free panel
+        spare[0].legend(handles, names, loc="center", fontsize="large", frameon=False)
+    else:
+        fig.legend(handles, names, loc="outside lower center", ncols=4)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -214,7 +214,7 @@ def make_tables(results: dict) -> dict:
 
 def write_outputs(results: dict, args) -> None:
     tables = make_tables(results)
-    meta = (f"Machine: {machine_line(results['machine'])}. Command: ``{results['command']}``; "
+    meta = (f"Machine: {machine_line(results['machine'])} Command: ``{results['command']}``; "
             f"wall time {results['wall_seconds'] / 60:.1f} min.")
     text, rst = [meta, ""], []
     for title, head, rows in tables.values():
