@@ -4,6 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _gallery_order
 
 import skmerge  # noqa: E402
 
@@ -19,6 +20,7 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "numpydoc",
+    "sphinx_gallery.gen_gallery",
 ]
 
 autosummary_generate = True
@@ -36,12 +38,41 @@ numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
 templates_path = ["_templates"]
 exclude_patterns = ["_build", "api/generated/*.examples"]
-html_theme = "alabaster"
-html_static_path = []
+html_theme = "pydata_sphinx_theme"
+html_title = "skmerge"
+html_static_path = ["_static"]
+html_css_files = ["skmerge.css"]
 html_theme_options = {
-    "description": "Merge neural networks with a scikit-learn API",
-    "fixed_sidebar": True,
+    # The top-level toctree of index.rst is the navigation bar.
+    "navbar_align": "left",
+    "header_links_before_dropdown": 6,
+    "show_toc_level": 2,
+    "secondary_sidebar_items": {"**": ["page-toc", "sourcelink"], "index": []},
+    "footer_start": ["copyright"],
+    "footer_end": ["sphinx-version"],
 }
+# The front page and the benchmarks page need the full width, not a section sidebar.
+html_sidebars = {"index": [], "benchmarks": [], "changelog": []}
+html_context = {"default_mode": "light"}
+
+# The gallery: examples/gallery/*.py run at build time (a few seconds each, on
+# the embedded digits data); their output and figures become docs/auto_examples/.
+sphinx_gallery_conf = {
+    "examples_dirs": "../examples/gallery",
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": r"\.py$",  # run every example, not only plot_*
+    "within_subsection_order": "_gallery_order.GalleryOrder",
+    "minigallery_sort_order": "_gallery_order.gallery_position",
+    "abort_on_example_error": True,
+    "download_all_examples": False,
+    "show_signature": False,
+    "remove_config_comments": True,
+    # Names in the examples' code link to the API reference.
+    "doc_module": ("skmerge",),
+    "reference_url": {"skmerge": None},
+    "backreferences_dir": "api/generated/backreferences",
+}
+
 # No network at build time: intersphinx inventories are not fetched.
 intersphinx_mapping = {}
 nitpicky = False

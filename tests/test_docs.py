@@ -1,0 +1,110 @@
+"""The documentation's generated parts: the benchmarks headline table, the front page, the gallery."""
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+HEADLINE = DOCS / "_generated" / "benchmarks" / "accuracy_headline.inc"
+GALLERY = ROOT / "examples" / "gallery"
+MERGES = ("identity", "permutation", "cca_auto", "cca_default", "cca_cv")
+
+
+def parse_list_table(text: str) -> tuple[str, list[list[str]]]:
+    """(title, rows) of a ``.. list-table::`` written by benchmarks/_common.rst_table."""
+    title = re.match(r"\.\. list-table::(.*)\n", text).group(1).strip()
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("   * - "):
+            rows.append([line[len("   * - "):]])
+        elif line.startswith("     - "):
+            rows[-1].append(line[len("     - "):])
+    return title, [[cell.strip() for cell in row] for row in rows]
+
+
+def test_headline_table_is_the_committed_results():
+    """Every cell is the mean of the committed records; the best merge is in bold."""
+    results = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    config = results["config"]
+    title, (header, *rows) = parse_list_table(HEADLINE.read_text())
+    n_small, n_large = min(config["n_models"]), max(config["n_models"])
+    assert title == (f"Test accuracy (%) of {n_small} and {n_large} merged models, "
+                     f"mean over {config['sets']} model sets")
+    assert header[:4] == ["family", "merged models", "base models (mean)", "ensemble"]
+    columns = ["base", "ensemble", *MERGES]
+    assert len(header) == 2 + len(columns)
+    families = list(results["families"].values())
+    assert len(rows) == 2 * len(families)
+    for i, row in enumerate(rows):
+        family, n = families[i // 2], (n_small, n_large)[i % 2]
+        assert row[0] == (family["label"] if i % 2 == 0 else "")
+        assert row[1] == str(n)
+        printed = {}
+        for column, cell in zip(columns, row[2:]):
+            values = [r["accuracy"] for r in family["records"] if r["experiment"] == "n_models"
+                      and r["n_models"] == n and r["aligner"] == column]
+            assert len(values) == config["sets"]
+            assert cell.strip("*") == f"{100 * np.mean(values):.1f}", (family["label"], n, column)
+            printed[column] = (float(cell.strip("*")), cell.startswith("**"))
+        best = max(value for column, (value, _) in printed.items() if column in MERGES)
+        for column, (value, bold) in printed.items():
+            assert bold == (column in MERGES and value == best), (family["label"], n, column)
+
+
+def test_benchmarks_page_opens_with_the_headline():
+    text = (DOCS / "benchmarks.rst").read_text()
+    table = text.index(".. include:: _generated/benchmarks/accuracy_headline.inc")
+    figure = text.index(".. figure:: _generated/benchmarks/accuracy_vs_models.png")
+    assert table < figure < text.index("Protocol\n~~~~~~~~")
+    for include in re.findall(r"\.\. (?:include|figure|image):: (\S+)", text):
+        assert (DOCS / include).is_file(), include
+
+
+def test_front_page_quick_start_is_the_readme():
+    """The two quick-start commands of docs/index.rst are the README's, character for character."""
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start"):readme.index("The demo prints")]
+    commands = re.findall(r"```bash\n(.*?)\n```", quick_start)
+    assert len(commands) == 2
+    index = (DOCS / "index.rst").read_text()
+    assert re.findall(r"   \$ (.*)", index) == commands
+    for figure in re.findall(r"\.\. figure:: (\S+)", index):
+        assert (DOCS / figure).is_file(), figure
+
+
+def _gallery_order():
+    namespace = {}
+    exec((DOCS / "_gallery_order.py").read_text(), namespace)
+    return namespace
+
+
+def test_gallery_examples_are_listed_titled_and_single_threaded():
+    """What sphinx-gallery needs of each example, and what keeps the docs build fast."""
+    order = _gallery_order()
+    files = sorted(path.name for path in GALLERY.glob("*.py"))
+    assert sorted(order["ORDER"]) == files
+    assert files, "no gallery examples"
+    for name in files:
+        source = (GALLERY / name).read_text()
+        docstring = ast.get_docstring(ast.parse(source), clean=False)
+        assert docstring is not None, name
+        title, underline = docstring.strip().splitlines()[:2]
+        assert underline == "=" * len(title), name
+        assert "torch.set_num_threads(1)" in source, name
+        assert max(len(line) for line in source.splitlines()) <= 79, name
+    assert (GALLERY / "GALLERY_HEADER.rst").is_file()
+
+
+def test_gallery_order_sorts_by_the_list_and_rejects_an_unlisted_example():
+    namespace = _gallery_order()
+    key = namespace["GalleryOrder"](str(GALLERY))
+    listed = namespace["ORDER"]
+    assert sorted(listed, key=lambda name: key(str(GALLERY / name))) == listed
+    assert [namespace["gallery_position"](name) for name in listed] == list(range(len(listed)))
+    with pytest.raises(ValueError, match="not listed"):
+        key(str(GALLERY / "plot_unknown.py"))
