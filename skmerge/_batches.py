@@ -91,3 +91,11 @@ def iter_inputs(loader: DataLoader, device: torch.device, dtype: torch.dtype) ->
         else:
             inputs = inputs.to(device=device)
         yield inputs
+
+
+def length_or_none(loader) -> int | None:
+    """``len(loader)``, or None for a stream without a length (an ``IterableDataset``)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None

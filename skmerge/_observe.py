@@ -1,9 +1,10 @@
 """Feed the per-space statistics from inside the models' forward passes.
 
-Each tapped input goes to the statistics in the forward pre-hook that sees it,
-right after the layer before produced it and while it is still in the CPU's
-caches, instead of after the whole forward pass (by then the activations of
-the early layers have been evicted and centering them reads main memory).
+Each tapped tensor goes to the statistics when the runner reports it
+(:mod:`skmerge.graph._runner`), right after the op that produced it and while
+it is still in the CPU's caches, instead of after the whole forward pass.
+The runner evaluates the models' computation with each model's tensors: the
+models themselves are never hooked or switched to eval mode.
 """
 
 from __future__ import annotations
@@ -11,20 +12,34 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import nn
 
-__all__ = ["BatchObserver"]
+__all__ = ["BatchObserver", "taps_by_key"]
+
+
+def taps_by_key(spaces: list) -> dict:
+    """Where each space is observed: runner key (graph node or module path) -> ``[(space, tap)]``.
+
+    Taps of one space that read the same tensor the same way are kept once,
+    so that no sample counts twice.
+    """
+    out = defaultdict(list)
+    for index, space in enumerate(spaces):
+        for tap in space.taps:
+            key = getattr(tap, "node", None) or tap.module
+            if (index, tap) not in out[key]:
+                out[key].append((index, tap))
+    return dict(out)
 
 
 class BatchObserver:
     """One alignment batch, observed in every model one after the other.
 
-    The first model run (the reference) fixes the observations: one per call
-    of a tapped module and tap, except that taps reading the same tensor (a
-    residual block's first convolution and its projection shortcut) are
-    observed once, so no sample counts twice. Every later model is observed at
-    the same (module, call) positions. Each observation has its own batch of
-    its space's statistics; :meth:`commit` adds them all.
+    The first model run (the reference) fixes the observations: one per
+    report of a tapped key and tap (a module called twice is reported twice),
+    except that module taps reading the same tensor (a residual block's first
+    convolution and its projection shortcut) are observed once. Every later
+    model is observed at the same (key, call) positions. Each observation has
+    its own batch of its space's statistics; :meth:`commit` adds them all.
 
     Parameters
     ----------
@@ -32,78 +47,81 @@ class BatchObserver:
         One accumulator per space (``ReferenceCovariance`` or alike).
     spaces : list of Space
         Only used to name a space in error messages.
-    taps_by_module : dict
-        Module path -> ``[(space index, tap)]``.
+    taps : dict
+        :func:`taps_by_key` of the spaces.
+    runner : GraphRunner or ModuleRunner
+        Runs a model's computation with given tensors and reports the taps.
     """
 
-    def __init__(self, statistics: list, spaces: list, taps_by_module: dict) -> None:
+    def __init__(self, statistics: list, spaces: list, taps: dict, runner) -> None:
         self.statistics = statistics
         self.spaces = spaces
-        self.taps_by_module = taps_by_module
+        self.taps = taps
+        self.runner = runner
         self.observations: dict[tuple[str, int], list] | None = None
 
-    def run(self, model: nn.Module, k: int, inputs: torch.Tensor) -> None:
-        """Run model ``k`` on ``inputs``, adding its view of every observation."""
+    def run(self, tensors: dict, k: int, inputs: torch.Tensor) -> None:
+        """Run model ``k`` (its parameters and buffers ``tensors``) on ``inputs``."""
         first = self.observations is None
         if first:
             self.observations = {}
         calls: dict[str, int] = defaultdict(int)
-        # Every observed tensor stays alive until the pass ends, so no two
-        # tensors of one pass share a memory identity (see _tensor_identity).
-        alive: list[torch.Tensor] = []
+        alive: list[torch.Tensor] = []  # observed tensors stay alive: no two share a memory identity
         seen: set = set()
         added = 0
+        observer = self
 
-        def observe(path: str, tensor: torch.Tensor) -> None:
-            nonlocal added
-            alive.append(tensor)
-            call = calls[path]
-            calls[path] += 1
-            if first:
-                entries = []
-                for index, tap in self.taps_by_module[path]:
-                    key = (index, tap.axis, tap.offset, tap.block, tap.dim, _tensor_identity(tensor))
-                    if key not in seen:
-                        seen.add(key)
-                        entries.append((index, tap, self.statistics[index]._batch()))
-                self.observations[path, call] = entries
-            for index, tap, batch in self.observations.get((path, call), ()):
-                try:
-                    batch.add(k, tap.extract_grouped(tensor))
-                except ValueError as error:
-                    if "NaN or infinity" not in str(error):
-                        raise
-                    # Name the space and the model (the statistics know neither).
-                    raise ValueError(
-                        f"Non-finite activations (NaN or inf) in space {index} "
-                        f"({self.spaces[index].name}) of model {k}; check the model's weights and "
-                        "the input data.") from None
-                added += 1
+        class _Report:
+            def observe(self, tensor, key):
+                nonlocal added
+                if key not in observer.taps:
+                    return
+                tensor = tensor.detach()
+                alive.append(tensor)
+                call = calls[key]
+                calls[key] += 1
+                if first:
+                    entries = []
+                    for index, tap in observer.taps[key]:
+                        ident = (index, _reading(tap), _tensor_identity(tensor))
+                        if ident not in seen:
+                            seen.add(ident)
+                            entries.append((index, tap, observer.statistics[index]._batch()))
+                    observer.observations[key, call] = entries
+                for index, tap, batch in observer.observations.get((key, call), ()):
+                    try:
+                        batch.add(k, tap.extract_grouped(tensor))
+                    except ValueError as error:
+                        if "NaN or infinity" not in str(error):
+                            raise
+                        raise ValueError(
+                            f"Non-finite activations (NaN or inf) in space {index} "
+                            f"({observer.spaces[index].name}) of model {k}; check the model's weights "
+                            "and the input data.") from None
+                    added += 1
 
-        handles = []
-        try:
-            for path in self.taps_by_module:
-                def hook(_module, args, _path=path):
-                    observe(_path, args[0].detach())
-                handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
-            model(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.runner.run(tensors, (inputs,), _Report())
         if first:
-            missing = set(self.taps_by_module) - calls.keys()
+            missing = set(self.taps) - calls.keys()
             if missing:
-                raise RuntimeError(f"Modules {sorted(missing)} were never called in the forward pass.")
+                raise RuntimeError(f"The taps {sorted(missing)[:5]} were never reached in the forward pass.")
         elif added < sum(len(entries) for entries in self.observations.values()):
-            short = sorted({path for (path, call), entries in self.observations.items()
-                            if entries and calls[path] <= call})
-            raise RuntimeError(f"Model {k} called {short} fewer times than the reference.")
+            short = sorted({key for (key, call), entries in self.observations.items()
+                            if entries and calls[key] <= call})
+            raise RuntimeError(f"Model {k} reached {short} fewer times than the reference.")
 
     def commit(self) -> None:
         """Add every observation's batch to its space's statistics."""
         for entries in self.observations.values():
             for _, _, batch in entries:
                 batch.commit()
+
+
+def _reading(tap) -> tuple:
+    """How a tap reads its tensor (two taps that read one tensor alike observe the same samples)."""
+    if hasattr(tap, "node"):
+        return (tap.axes, tuple(tap.index.reshape(-1).tolist()), tap.index.shape[1])
+    return (tap.axis, tap.offset, tap.block, tap.dim)
 
 
 def _tensor_identity(tensor: torch.Tensor) -> tuple:

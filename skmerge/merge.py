@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import numbers
 import time
 import warnings
@@ -16,13 +17,18 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._batches import as_loader, iter_inputs, split_batch
-from ._observe import BatchObserver
+from ._blocks import BlockAligner, block_families, match_blocks, orthogonal_aligner
+from ._batches import as_loader, iter_inputs, length_or_none as _length
+from ._observe import BatchObserver, taps_by_key
 from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
 from ._prediction import MergedModelClassifierMixin
 from .aligners import CCAAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
-from .graph import Space, apply_transforms, check_spaces, find_spaces
+from .graph import AveragingFallbackWarning, Space, apply_transforms
+from .graph._export import meta_copy
+from .graph._find import analyze
+from .graph._permute import verify_spaces
+from .graph._runner import GraphRunner, model_tensors, runner_for
 from .repair import repair_
 from .stats import CrossCovariance, ReferenceCovariance
 
@@ -77,11 +83,15 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         Where the forward passes, statistics and linear algebra run; "auto"
         picks CUDA when available, else the CPU.
     spaces : list of skmerge.graph.Space, optional
-        Feature spaces given by hand (for models that torch.fx cannot trace);
-        found automatically when None.
-    self_check : bool, default=False
-        Before merging, check that permuting every found space at random leaves
-        the reference model's outputs unchanged (catches a wrong space).
+        Feature spaces given by hand (for models that torch.export cannot
+        capture); found automatically when None.
+    self_check : {"auto"} or bool, default="auto"
+        Before merging, check that permuting every space at random (whole
+        heads of an attention layer included) leaves the reference model's
+        outputs on two example inputs unchanged: it catches a wrong space at
+        the cost of one weight transform and two forward passes on two
+        inputs. ``"auto"`` runs it whenever an input is available, True
+        requires one, False skips it.
     precision : {"auto", "single", "double"}, default="auto"
         Precision of the per-batch products of the statistics
         (:class:`~skmerge.stats.ReferenceCovariance`); the means and the
@@ -145,7 +155,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         batch_size: int = 128,
         device="auto",
         spaces=None,
-        self_check: bool = False,
+        self_check: bool | str = "auto",
         precision: str = "auto",
         verbose: bool = False,
     ):
@@ -275,29 +285,17 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
                              "and the aligned models. Call fit(X), or pass repair=False.")
         self.device_ = self._resolved_device()
         loader = as_loader(X, self.batch_size) if X is not None else None
-        example = self._example(loader)
-
-        working = [_on_device(model, self.device_) for model in models]
-        modes = [model.training for model in models]
+        dtype = _floating_dtype(models[reference])
+        # The models are read, never modified: no mode switch, no hook, no move.
         self.timings_ = {}
-        try:
-            for model in working:
-                model.eval()
-            dtype = next(working[reference].parameters()).dtype
-            if example is not None:
-                example = example.to(self.device_, dtype) if example.is_floating_point() else example.to(self.device_)
-            self.spaces_ = self._spaces(working[reference], example)
-            self.aligners_ = self._fit_aligners(working, reference, loader, dtype)
-            tick = time.perf_counter()
-            # REPAIR needs the aligned states again: transform each model once.
-            aligned = list(self._aligned_states(working)) if repair else None
-            merged = self._averaged_state(working, self.weights_, reference, aligned)
-        finally:
-            for model, mode in zip(models, modes):
-                model.train(mode)
-        merged_model = copy.deepcopy(working[reference])
-        merged_model.load_state_dict(merged)
-        merged_model.eval()
+        batches, example = self._example_and_batches(loader, dtype)
+        self.spaces_, runner = self._spaces(models[reference], example)
+        self.aligners_ = self._fit_aligners(models, reference, batches, dtype, runner)
+        tick = time.perf_counter()
+        # REPAIR needs the aligned states again: transform each model once.
+        aligned = list(self._aligned_states(models)) if repair else None
+        merged = self._averaged_state(models, self.weights_, reference, aligned)
+        merged_model = _module_with_state(models[reference], merged, self.device_)
         self.timings_["transform"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -310,11 +308,12 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
                     "skmerge.batchnorm.reset_bn_stats), or pass reset_bn=False to keep them "
                     "knowingly.", UserWarning, stacklevel=3)
             else:
-                reset_bn_stats(merged_model, loader, device=self.device_, verbose=self._show_progress())
+                reset_bn_stats(merged_model, _reread(loader, "re-estimate the BatchNorm statistics"),
+                               device=self.device_, verbose=self._show_progress())
         self.timings_["reset_bn"] = time.perf_counter() - tick
         if repair:
             tick = time.perf_counter()
-            self._repair(merged_model, aligned, self.weights_, loader)
+            self._repair(merged_model, aligned, self.weights_, _reread(loader, "apply REPAIR"))
             del aligned
             self.timings_["repair"] = time.perf_counter() - tick
         self.timings_["total"] = time.perf_counter() - start
@@ -339,16 +338,25 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
                 f"aligner must be a skmerge aligner with fit_from_stats, got {type(self.aligner).__name__}."
             )
 
-    def _example(self, loader) -> torch.Tensor | None:
+    def _example_and_batches(self, loader, dtype):
+        """The input batches of the statistics pass and the example that finds the spaces.
+
+        The example is the start of the first batch, read once: a stream that
+        can be iterated only once loses no sample.
+        """
         if loader is None:
             raise ValueError("ModelMerger.fit needs alignment data X.")
-        return self._example_input(loader)
+        batches = iter_inputs(loader, self.device_, dtype)
+        first = next(batches, None)
+        if first is None or len(first) == 0:
+            raise ValueError("The alignment data X is empty.")
+        return _Stream(itertools.chain([first], batches), _length(loader)), first[:2]
 
-    def _fit_aligners(self, models, reference, loader, dtype) -> list[list]:
+    def _fit_aligners(self, models, reference, batches, dtype, runner) -> list[list]:
         """One pass for the statistics, then one aligner per (space, model)."""
         tick = time.perf_counter()
         self.statistics_, self.n_samples_seen_ = self._accumulate(
-            models, reference, loader, self.spaces_, dtype)
+            models, reference, batches, self.spaces_, dtype, runner)
         self.timings_["statistics"] = time.perf_counter() - tick
         tick = time.perf_counter()
         aligners = self._solve(self.spaces_, self.statistics_, len(models), reference)
@@ -359,22 +367,25 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         # Under torch.distributed only rank 0 draws progress bars.
         return bool(self.verbose) and (not is_distributed() or torch.distributed.get_rank() == 0)
 
-    def _example_input(self, loader) -> torch.Tensor:
-        try:
-            batch = next(iter(loader))
-        except StopIteration:
-            raise ValueError("The alignment data X is empty.") from None
-        inputs, _ = split_batch(batch)
-        inputs = torch.as_tensor(inputs)
-        if len(inputs) == 0:
-            raise ValueError("The alignment data X is empty.")
-        return inputs[:2]
-
-    def _spaces(self, reference_model: nn.Module, example: torch.Tensor) -> list[Space]:
-        spaces = list(self.spaces) if self.spaces is not None else find_spaces(reference_model, example)
-        if self.self_check:
-            check_spaces(reference_model, example, spaces)
-        return spaces
+    def _spaces(self, reference_model: nn.Module, example: torch.Tensor | None):
+        """The spaces (given or found on the reference) and the runner that observes them."""
+        if self.spaces is not None:
+            spaces = list(self.spaces)
+            runner = runner_for(reference_model, example, spaces) if example is not None else None
+        else:
+            traced, spaces = analyze(reference_model, example)
+            runner = GraphRunner(traced, [t.node for s in spaces for t in s.taps], reference_model)
+            if not spaces:
+                warnings.warn(f"{type(reference_model).__name__} has no feature space to align: the merge "
+                              "is plain averaging of the parameters.", AveragingFallbackWarning,
+                              stacklevel=4)
+        if self.self_check not in ("auto", True, False):
+            raise ValueError(f'self_check must be "auto", True or False, got {self.self_check!r}.')
+        if self.self_check is True and runner is None:
+            raise ValueError("self_check=True needs an input to run the model: call fit(X).")
+        if self.self_check and spaces and runner is not None:
+            verify_spaces(runner, reference_model, spaces, example)
+        return spaces, runner
 
     def _statistics_precision(self, dtype: torch.dtype) -> str:
         if self.precision != "auto":
@@ -382,7 +393,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         return "double" if dtype == torch.float64 else "single"
 
     @torch.no_grad()
-    def _accumulate(self, models, reference, loader, spaces, dtype, statistics_type=ReferenceCovariance):
+    def _accumulate(self, models, reference, batches, spaces, dtype, runner,
+                    statistics_type=ReferenceCovariance):
         """One pass over the data through every model, accumulating per-space statistics.
 
         ``statistics_type(n_views, reference=, precision=)`` makes each
@@ -391,20 +403,18 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         precision = self._statistics_precision(dtype)
         statistics = [statistics_type(len(models), reference=reference, precision=precision)
                       for _ in spaces]
-        taps_by_module = defaultdict(list)  # module path -> [(space index, tap)]
-        for index, space in enumerate(spaces):
-            for tap in space.taps:
-                taps_by_module[tap.module].append((index, tap))
+        taps = taps_by_key(spaces)
+        tensors = [_tensors_on(model, self.device_) for model in models]
         # The reference first, then the other models one at a time: a batch's
         # activations are held for two models at most, not for all of them.
         order = [reference] + [k for k in range(len(models)) if k != reference]
         n_seen = 0
-        batches = tqdm(iter_inputs(loader, self.device_, dtype), total=len(loader),
-                       desc="Alignment statistics", disable=not self._show_progress(), leave=False)
-        for inputs in batches:
-            observer = BatchObserver(statistics, spaces, taps_by_module)
+        progress = tqdm(batches, total=getattr(batches, "total", None), desc="Alignment statistics",
+                        disable=not self._show_progress(), leave=False)
+        for inputs in progress:
+            observer = BatchObserver(statistics, spaces, taps, runner)
             for k in order:
-                observer.run(models[k], k, inputs)
+                observer.run(tensors[k], k, inputs)
             observer.commit()
             n_seen += len(inputs)
         if n_seen == 0:
@@ -416,6 +426,13 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         return statistics, n_seen
 
     def _solve(self, spaces, statistics, n_models, reference):
+        # Heads of one attention layer are matched as wholes, once for all its spaces.
+        orders = {}
+        for family, members in block_families(spaces).items():
+            for k in range(n_models):
+                if k != reference:
+                    pairs = [statistics[i].pair(k) for i in members]
+                    orders[family, k] = match_blocks(pairs, spaces[members[0]].block_size)
         aligners = []
         progress = tqdm(total=len(spaces) * (n_models - 1), desc="Solving",
                         disable=not self._show_progress(), leave=False)
@@ -425,22 +442,24 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
                 if k == reference:
                     row.append(None)
                     continue
-                row.append(self._fit_space(space, stats.pair(k)))
+                row.append(self._fit_space(space, stats.pair(k), orders.get((space.block_family, k))))
                 progress.update()
             aligners.append(row)
         progress.close()
         return aligners
 
-    def _fit_space(self, space: Space, pair: CrossCovariance):
-        """Fit one clone of the aligner per block of the space."""
+    def _fit_space(self, space: Space, pair: CrossCovariance, order=None):
+        """Fit one clone of the aligner per block of the space (blocks matched by ``order``)."""
         if not space.taps:
             warnings.warn(f"Space {space.name!r} is never observed; it keeps each model's basis.",
                           stacklevel=3)
             return None
         aligner = self._small_sample_safe(clone(self.aligner), space, pair.n_samples_)
+        if space.orthogonal:
+            aligner = orthogonal_aligner(aligner, space)
         if space.block_size == space.dim:
             return aligner.fit_from_stats(pair)
-        return _BlockAligner(aligner, space.block_size).fit_from_stats(pair)
+        return BlockAligner(aligner, space.block_size, order).fit_from_stats(pair)
 
     def _small_sample_safe(self, aligner, space: Space, n_samples: int):
         # Same threshold as CCAAligner's own SmallSampleWarning; the merger names
@@ -586,41 +605,6 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             self.merged_model_.to(self.device_)
 
 
-class _BlockAligner:
-    """Fit one aligner per diagonal block of a space (GroupNorm groups)."""
-
-    def __init__(self, aligner, block_size: int):
-        self.aligner = aligner
-        self.block_size = block_size
-
-    def fit_from_stats(self, pair: CrossCovariance):
-        d = pair.n_features_x
-        self.blocks_ = [
-            clone(self.aligner).fit_from_stats(pair.select(part, part))
-            for part in (slice(start, start + self.block_size) for start in range(0, d, self.block_size))
-        ]
-        return self
-
-    # Derived from the blocks (which pickle their tensors to the CPU themselves).
-    @property
-    def mapping_(self) -> torch.Tensor:
-        return torch.block_diag(*[torch.as_tensor(b.mapping_) for b in self.blocks_])
-
-    @property
-    def inverse_mapping_(self) -> torch.Tensor:
-        return torch.block_diag(*[torch.as_tensor(b.inverse_mapping_) for b in self.blocks_])
-
-    @property
-    def permutation_(self) -> torch.Tensor | None:
-        permutations = [getattr(b, "permutation_", None) for b in self.blocks_]
-        if any(p is None for p in permutations):
-            return None
-        return torch.cat([torch.as_tensor(p) + i * self.block_size for i, p in enumerate(permutations)])
-
-    def __repr__(self):
-        return f"BlockAligner({self.aligner!r}, block_size={self.block_size})"
-
-
 def _transform_of(aligner):
     """The transform that :func:`skmerge.graph.apply_transforms` applies for one fitted aligner."""
     if aligner is None:
@@ -650,13 +634,75 @@ def _scaled(value: torch.Tensor, weight: float) -> torch.Tensor:
     return weight * value if value.is_floating_point() else value.clone()
 
 
-def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """The model itself when already on ``device``, else a copy there (inputs are never moved)."""
-    if _module_device(model) == device or (
-        device.type == "cuda" and _module_device(model).type == "cuda" and device.index is None
-    ):
-        return model
-    return copy.deepcopy(model).to(device)
+class _Stream:
+    """Input batches read once, with their number when known (progress bars)."""
+
+    def __init__(self, iterator, total):
+        self.iterator, self.total = iterator, total
+
+    def __iter__(self):
+        return self.iterator
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a == b or (a.type == b.type == "cuda" and (a.index is None or b.index is None))
+
+
+def _tensors_on(model: nn.Module, device: torch.device) -> dict:
+    """The model's parameters and buffers by name, on ``device`` (moved copies only where needed)."""
+    return {name: t if _same_device(t.device, device) else t.to(device)
+            for name, t in model_tensors(model).items()}
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _module_with_state(model: nn.Module, state: dict, device: torch.device) -> nn.Module:
+    """A new module of ``model``'s architecture on ``device`` holding ``state``, in eval mode.
+
+    Built from a structural copy (no copy of ``model``'s tensors): tied weights
+    stay tied, and buffers outside the state_dict are copied from ``model``.
+    """
+    new = meta_copy(model).to_empty(device=device)
+    _retie(new, model)
+    persistent = set(state)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name not in persistent:
+                new.get_buffer(name).copy_(buffer)
+    new.load_state_dict(state)
+    return new.eval()
+
+
+def _retie(new: nn.Module, model: nn.Module) -> None:
+    """Share ``new``'s parameters as ``model`` shares its own (``to_empty`` unties them)."""
+    first: dict = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in first:
+            first[id(param)] = name
+            continue
+        owner, _, attr = name.rpartition(".")
+        source_owner, _, source_attr = first[id(param)].rpartition(".")
+        tied = getattr(new.get_submodule(source_owner), source_attr)
+        setattr(new.get_submodule(owner), attr, tied)
+
+
+def _reread(loader, purpose: str):
+    """``loader`` for a second pass; a one-shot stream cannot give one."""
+    if loader is not None and _is_one_shot(loader):
+        raise ValueError(f"The alignment data can be read only once (an iterator), but fit needs a second "
+                         f"pass to {purpose}: pass a list, a tensor, a Dataset or a re-iterable "
+                         "DataLoader, or turn the option off.")
+    return loader
+
+
+def _is_one_shot(loader) -> bool:
+    dataset = getattr(loader, "dataset", None)
+    return isinstance(dataset, torch.utils.data.IterableDataset) and iter(dataset) is dataset
 
 
 def _on_cpu(model: nn.Module) -> nn.Module:

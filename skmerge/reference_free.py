@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from ._validation import check_nonnegative_real, check_positive_int
 from .aligners import CCAAligner, PermutationAligner
 from .graph import Space
-from .merge import ModelMerger, _BlockAligner
+from ._blocks import BlockAligner as _BlockAligner
+from .merge import ModelMerger
 from .stats import CrossCovariance, _MultiViewAccumulator
 
 __all__ = ["ReferenceFreeMerger", "JointCovariance"]
@@ -409,8 +410,13 @@ class ReferenceFreeMerger(ModelMerger):
         Where the forward passes, statistics and linear algebra run.
     spaces : list of skmerge.graph.Space, optional
         Feature spaces given by hand; found automatically when None.
-    self_check : bool, default=False
-        Check the found spaces by permuting the reference model at random.
+    self_check : {"auto"} or bool, default="auto"
+        Before merging, check that permuting every space at random (whole
+        heads of an attention layer included) leaves the reference model's
+        outputs on two example inputs unchanged: it catches a wrong space at
+        the cost of one weight transform and two forward passes on two
+        inputs. ``"auto"`` runs it whenever an input is available, True
+        requires one, False skips it.
     precision : {"auto", "single", "double"}, default="auto"
         Precision of the per-batch products of the statistics, as in
         :class:`~skmerge.ModelMerger`; the accumulation is float64.
@@ -527,7 +533,7 @@ class ReferenceFreeMerger(ModelMerger):
         batch_size: int = 128,
         device="auto",
         spaces=None,
-        self_check: bool = False,
+        self_check: bool | str = "auto",
         precision: str = "auto",
         verbose: bool = False,
         max_iter: int = 10,
@@ -574,10 +580,10 @@ class ReferenceFreeMerger(ModelMerger):
                 "sweep) and the merged model breaks down. Use regularization > 0 (the default 0.3) "
                 'or "auto".')
 
-    def _fit_aligners(self, models, reference, loader, dtype) -> list[list]:
+    def _fit_aligners(self, models, reference, batches, dtype, runner) -> list[list]:
         tick = time.perf_counter()
         self.statistics_, self.n_samples_seen_ = self._accumulate_joint(
-            models, reference, loader, self.spaces_, dtype)
+            models, reference, batches, self.spaces_, dtype, runner)
         self.timings_["statistics"] = time.perf_counter() - tick
         tick = time.perf_counter()
         weights = _target_weights(self.weights_)
@@ -616,7 +622,8 @@ class ReferenceFreeMerger(ModelMerger):
         return _alternate(targets, fit, self.max_iter, self.tol)
 
     @torch.no_grad()
-    def _accumulate_joint(self, models, reference, loader, spaces, dtype):
+    def _accumulate_joint(self, models, reference, batches, spaces, dtype, runner):
         """One pass over the data, accumulating the statistics of all pairs of models per space."""
         _check_memory(len(models), [space.dim for space in spaces if space.taps], self.device_)
-        return self._accumulate(models, reference, loader, spaces, dtype, statistics_type=JointCovariance)
+        return self._accumulate(models, reference, batches, spaces, dtype, runner,
+                                statistics_type=JointCovariance)

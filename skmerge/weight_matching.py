@@ -231,9 +231,13 @@ class WeightMatchingMerger(ModelMerger):
         Largest number of sweeps over the spaces per model.
     random_state : int, RandomState instance or None, default=None
         Order of the spaces in each sweep.
-    self_check : bool, default=False
-        Check that permuting every found space at random leaves the reference
-        model's outputs unchanged (needs an input).
+    self_check : {"auto"} or bool, default="auto"
+        Before merging, check that permuting every space at random (whole
+        heads of an attention layer included) leaves the reference model's
+        outputs on two example inputs unchanged: it catches a wrong space at
+        the cost of one weight transform and two forward passes on two
+        inputs. ``"auto"`` runs it whenever an input is available, True
+        requires one, False skips it.
     verbose : bool, default=False
         Show progress bars.
 
@@ -299,7 +303,7 @@ class WeightMatchingMerger(ModelMerger):
         example_input=None,
         max_iter: int = 100,
         random_state=None,
-        self_check: bool = False,
+        self_check: bool | str = "auto",
         verbose: bool = False,
     ):
         self.models = models
@@ -337,7 +341,7 @@ class WeightMatchingMerger(ModelMerger):
     def _check_method_params(self) -> None:
         check_positive_int(self.max_iter, "max_iter")
 
-    def _fit_aligners(self, models, reference, loader, dtype) -> list[list]:
+    def _fit_aligners(self, models, reference, batches, dtype, runner) -> list[list]:
         self.timings_["statistics"] = 0.0
         self.n_samples_seen_ = 0
         tick = time.perf_counter()
@@ -346,26 +350,27 @@ class WeightMatchingMerger(ModelMerger):
         self.timings_["solve"] = time.perf_counter() - tick
         return aligners
 
-    def _example(self, loader) -> torch.Tensor | None:
-        """The input used to trace the model: ``example_input``, else X's first batch."""
+    def _example_and_batches(self, loader, dtype):
+        """No statistics pass; the example is ``example_input``, else X's first batch."""
         if self.example_input is not None:
             example = self.example_input
             if not isinstance(example, torch.Tensor):
                 example = torch.as_tensor(np.asarray(example))
             if example.ndim == 0 or len(example) == 0:
                 raise ValueError("example_input must be a non-empty batch (first axis = samples).")
-            return example
+            example = example.to(self.device_, dtype) if example.is_floating_point() else example.to(self.device_)
+            return None, example
         if loader is not None:
-            return self._example_input(loader)
+            return super()._example_and_batches(loader, dtype)
         if self.spaces is None:
             raise ValueError(
                 "WeightMatchingMerger needs an input to find the feature spaces: pass "
                 "example_input= (a small batch the models accept), call fit(X) with data, "
                 "or give spaces= by hand.")
-        return None
+        return None, None
 
-    def _spaces(self, reference_model: nn.Module, example) -> list[Space]:
-        if example is None and self.self_check:
+    def _spaces(self, reference_model: nn.Module, example):
+        if example is None and self.self_check is True:
             raise ValueError("self_check=True needs an input: pass example_input= or fit(X).")
         return super()._spaces(reference_model, example)
 

@@ -318,3 +318,44 @@ def digits_mlps(n_models: int, epochs: int = 40):
         model = get_model("mlp", in_features=64, num_classes=10, hidden=(64, 64))
         models.append(train_model(model, train, epochs=epochs, seed=seed))
     return models, train, load_digits("test")
+
+
+def tap_samples(model, space, inputs):
+    """A space's samples at its taps, captured independently of skmerge's observer.
+
+    Graph taps: the model is exported again (real tensors, eval mode) and a
+    ``torch.fx.Interpreter`` records the tapped nodes; module taps: forward
+    pre-hooks. Returns the samples of every tap stacked, as float64 numpy.
+    """
+    import numpy as np
+    from skmerge.graph import GraphTap
+    from skmerge.graph._export import _TensorOutputs
+
+    captured = []
+    graph_taps = [t for t in space.taps if isinstance(t, GraphTap)]
+    if graph_taps:
+        program = torch.export.export(_TensorOutputs(model).eval(), (inputs,), strict=False)
+        wanted = {t.node: [] for t in graph_taps}
+
+        class Recorder(torch.fx.Interpreter):
+            def run_node(self, n):
+                value = super().run_node(n)
+                if n.name in wanted:
+                    wanted[n.name].append(value)
+                return value
+
+        with torch.no_grad():
+            Recorder(program.module()).run(inputs)
+        for tap in graph_taps:
+            captured.extend(tap.extract(v).detach().double() for v in wanted[tap.node])
+    else:
+        handles = [model.get_submodule(tap.module).register_forward_pre_hook(
+            lambda _m, args, tap=tap: captured.append(tap.extract(args[0]).detach().double()))
+            for tap in space.taps]
+        try:
+            with torch.no_grad():
+                model(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return np.concatenate([c.numpy() for c in captured])

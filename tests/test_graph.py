@@ -1,5 +1,7 @@
-"""skmerge.graph: spaces found per architecture, the permutation self-check,
-apply_transforms with permutations and invertible maps, errors, hand-built spaces."""
+"""skmerge.graph: spaces found per architecture, where they are observed, the
+permutation self-check, apply_transforms with permutations and invertible maps,
+warnings and errors, hand-built spaces. Modern architectures (attention,
+depthwise and grouped convolutions, tied weights) are in test_architectures.py."""
 
 import copy
 import operator
@@ -12,6 +14,8 @@ from torch import nn
 
 import skmerge
 from skmerge.graph import (
+    AveragingFallbackWarning,
+    GraphTap,
     ParamSlice,
     Space,
     Tap,
@@ -83,7 +87,10 @@ def test_mlp_spaces():
         ParamSlice("layers.0.bias", 0, torch.arange(16)),
     )
     assert first.consumers == (ParamSlice("layers.2.weight", 1, torch.arange(16)),)
-    assert first.taps == (Tap("layers.2", -1, 0, 1, 16),)
+    # observed where its features are formed: the output of the ReLU after layers.0
+    (tap,) = first.taps
+    assert isinstance(tap, GraphTap) and tap.module == "layers.1" and tap.axes == (1,)
+    assert torch.equal(tap.index, torch.arange(16)[:, None])
     # the input and output axes are never spaces
     assert all("layers.4" not in _names(s.producers) for s in spaces)
 
@@ -113,7 +120,9 @@ def test_vgg_spaces_and_flatten_block():
     # Flatten of (8, 2, 2): channel c owns columns 4c .. 4c+3
     assert head.name == "classifier.0.weight" and head.axis == 1
     assert torch.equal(head.index, torch.arange(32).reshape(8, 4))
-    assert last_conv.taps == (Tap("classifier.0", -1, 0, 4, 8),)
+    # taps before pooling: the output of each ReLU, not the pooled input of the next layer
+    assert [t.module for s in spaces for t in s.taps] == ["features.2", "features.6", "features.10",
+                                                          "classifier.2"]
 
 
 def test_cifar_resnet_residual_streams_are_single_spaces():
@@ -125,7 +134,8 @@ def test_cifar_resnet_residual_streams_are_single_spaces():
     assert {"conv1.weight", "bn1.running_var", "layer1.0.conv2.weight", "layer1.1.bn2.bias"} <= _names(
         stream1.producers
     )
-    assert _taps(stream1) == {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.shortcut.0"}
+    # the stream is observed at the stem and after every block that writes to it
+    assert [t.module for t in stream1.taps] == ["", "layer1.0", "layer1.1"]
     assert _names(stream1.consumers) == {
         "layer1.0.conv1.weight",
         "layer1.1.conv1.weight",
@@ -134,13 +144,14 @@ def test_cifar_resnet_residual_streams_are_single_spaces():
     }
     stream2 = names["layer2.0.conv2 (+2 joined)"]
     assert {"layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.running_mean"} <= _names(stream2.producers)
-    assert _taps(stream2) == {"layer2.1.conv1", "layer3.0.conv1", "layer3.0.shortcut.0"}
+    assert [t.module for t in stream2.taps] == ["layer2.0", "layer2.1"]
     stream3 = names["layer3.0.conv2 (+2 joined)"]
-    assert stream3.dim == 16 and _taps(stream3) == {"layer3.1.conv1", "fc"}
+    assert stream3.dim == 16 and [t.module for t in stream3.taps] == ["layer3.0", "layer3.1"]
     for stage in (1, 2, 3):
         for block in (0, 1):
             inner = names[f"layer{stage}.{block}.conv1"]
-            assert _taps(inner) == {f"layer{stage}.{block}.conv2"}
+            assert [t.module for t in inner.taps] == [f"layer{stage}.{block}"]  # its F.relu
+            assert _names(inner.consumers) == {f"layer{stage}.{block}.conv2.weight"}
             assert len(inner.producers) == 5  # conv weight (no bias), BN weight/bias/mean/var
 
 
@@ -155,12 +166,12 @@ def test_resnet18_like_spaces():
         "layer4.0.conv2 (+2 joined)",
     ]
     assert [names[n].dim for n in streams] == [4, 8, 16, 32]
-    assert _taps(names[streams[0]]) == {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"}
+    # the shared nn.ReLU module observes the stem (before the max pool) and each block's output
+    assert [t.module for t in names[streams[0]].taps] == ["relu", "layer1.0.relu", "layer1.1.relu"]
     assert "layer2.0.downsample.1.running_var" in _names(names[streams[1]].producers)
     last = names[streams[3]]
-    assert _taps(last) == {"layer4.1.conv1", "fc"}
-    fc_tap = next(t for t in last.taps if t.module == "fc")
-    assert fc_tap.block == 1 and fc_tap.axis == -1  # flatten of (C, 1, 1)
+    assert [t.module for t in last.taps] == ["layer4.0.relu", "layer4.1.relu"]  # before avgpool
+    assert "fc.weight" in _names(last.consumers)
     assert sorted(s.dim for s in spaces) == sorted([4, 4, 4, 8, 8, 8, 16, 16, 16, 32, 32, 32])
 
 
@@ -168,14 +179,16 @@ def test_catnet_concatenation_gives_one_space_per_part():
     spaces = find_spaces(_make("cat"), _x("cat"))
     a, b, mix = spaces
     assert (a.name, a.dim, b.name, b.dim, mix.name, mix.dim) == ("branch_a", 4, "branch_b", 6, "mix", 8)
-    assert a.taps == (Tap("mix", 1, 0, 1, 4),)
-    assert b.taps == (Tap("mix", 1, 4, 1, 6),)
+    # each branch at its ReLU and at the BatchNorm over the concatenation (its own channel range)
+    assert [(t.module, t.axes) for t in a.taps] == [("", (1,)), ("bn_cat", (1,))]
+    assert torch.equal(a.taps[1].index[:, 0], torch.arange(0, 4))
+    assert torch.equal(b.taps[1].index[:, 0], torch.arange(4, 10))
     assert a.consumers == (ParamSlice("mix.weight", 1, torch.arange(0, 4)),)
     assert b.consumers == (ParamSlice("mix.weight", 1, torch.arange(4, 10)),)
     bn_b = {s.name: s for s in b.producers if s.name.startswith("bn_cat")}
     assert set(bn_b) == {"bn_cat.weight", "bn_cat.bias", "bn_cat.running_mean", "bn_cat.running_var"}
     assert all(torch.equal(s.index[:, 0], torch.arange(4, 10)) for s in bn_b.values())
-    assert mix.taps == (Tap("fc", -1, 0, 1, 8),)
+    assert [t.node for t in mix.taps] == ["relu_2"]  # F.relu(mix(h)), before the spatial mean
 
 
 def test_normnet_groupnorm_blocks_and_layernorm_positions():
@@ -189,7 +202,7 @@ def test_normnet_groupnorm_blocks_and_layernorm_positions():
     assert torch.equal(ln["ln.weight"].index, torch.arange(128).reshape(8, 16))
     (head,) = conv2.consumers
     assert head.name == "fc1.weight" and head.index.shape == (8, 16)
-    assert conv2.taps == (Tap("fc1", -1, 0, 16, 8),)
+    assert [t.node for t in conv2.taps] == ["relu_1"]  # before the view into fc1
     assert (fc1.dim, fc1.block_size) == (16, 16)
     assert {"ln_fc.weight", "ln_fc.bias"} <= _names(fc1.producers)
 
@@ -391,18 +404,43 @@ def test_tap_extract_reads_blocks_and_offsets():
     assert torch.equal(Tap("mix", 1, 4).extract(conv_in), part)  # dim=None: to the end
 
 
-def test_taps_observe_what_the_consumer_sees():
-    model = _make("cat")
-    x = _x("cat")
-    spaces = find_spaces(model, x)
-    seen = {}
-    hook = model.mix.register_forward_pre_hook(lambda m, a: seen.setdefault("mix", a[0]))
+def test_taps_observe_the_formed_features_and_the_consumer_inputs_on_request():
+    """"formed" (the default) taps the ReLU output; "consumers" the pooled, flattened head input."""
+    model, x = _make("vgg"), _x("vgg")
+    formed = find_spaces(model, x)[2]
+    consumers = find_spaces(model, x, taps="consumers")[2]
+    both = find_spaces(model, x, taps="both")[2]
+    assert [t.module for t in formed.taps] == ["features.10"]
+    (head,) = consumers.taps
+    assert head.axes == (1,) and tuple(head.index.shape) == (8, 4)  # flatten of (8, 2, 2)
+    assert len(both.taps) == 2
+    relu = _archs.tap_samples(model, formed, x)
+    assert relu.shape == (4 * 2 * 2, 8)  # every position, before the max pool
+    pooled = _archs.tap_samples(model, consumers, x)
     with torch.no_grad():
-        model(x)
-    hook.remove()
-    a, b = (spaces[0].taps[0].extract(seen["mix"]), spaces[1].taps[0].extract(seen["mix"]))
-    assert a.shape == (4 * 8 * 8, 4) and b.shape == (4 * 8 * 8, 6)
-    assert torch.equal(torch.cat([a, b], 1), seen["mix"].permute(0, 2, 3, 1).reshape(-1, 10))
+        feats = model.features(x)  # (4, 8, 2, 2) after the last pool: the head's input
+    assert np.allclose(pooled, feats.permute(0, 2, 3, 1).reshape(-1, 8).numpy())
+    with pytest.raises(ValueError, match="tap placement"):
+        find_spaces(model, x, taps="inputs")
+
+
+def test_graph_tap_extraction_reads_blocks_and_offsets():
+    feats = torch.randn(2, 3, 10, dtype=torch.float64)
+    tap = GraphTap("n", (2,), torch.arange(4, 10))
+    grouped = tap.extract_grouped(feats)
+    assert grouped.shape == (1, 6, 6)
+    assert torch.equal(grouped[0], feats.reshape(6, 10)[:, 4:])
+    # channels spread over two axes (heads x head size), k = 2 positions per channel
+    heads = torch.randn(5, 2, 3, dtype=torch.float64)  # (tokens, heads, head size)
+    index = torch.arange(6).reshape(2, 3).T  # channel j: head 0 and head 1 at size j
+    two = GraphTap("n", (1, 2), index)
+    got = two.extract(heads)
+    assert got.shape == (5 * 2, 3)
+    assert torch.equal(got, heads.reshape(5 * 2, 3))
+    conv = torch.randn(3, 6, 4, 4)
+    view = GraphTap("n", (1,), torch.arange(2, 5)).extract_grouped(conv)
+    assert view.shape == (3, 16, 3) and view.data_ptr() == conv[:, 2:].data_ptr()  # no copy
+    assert "axis 1[2:5]" in repr(GraphTap("n", (1,), torch.arange(2, 5)))
 
 
 # --------------------------------------------------------------------------
@@ -449,7 +487,8 @@ def test_functional_forms_and_axis_moves():
     # first * sigmoid(second): an elementwise product joins the two branches
     assert [(s.name, s.dim) for s in spaces] == [("conv_a (+1 joined)", 4), ("conv_c", 6), ("seq", 5), ("tok", 7)]
     names = _by_name(spaces)
-    assert names["seq"].taps == (Tap("tok", -1, 0, 1, 5),)
+    # the Conv1d's ReLU output, after the transpose into tokens (the channels only moved)
+    assert [(t.node, t.axes) for t in names["seq"].taps] == [("transpose", (2,))]
     assert {"ln.weight", "ln.bias"} <= _names(names["tok"].producers)
     check_spaces(model, x, atol=1e-10)
 
@@ -476,7 +515,7 @@ def test_a_module_called_twice_shares_one_space():
     assert len(spaces) == 1
     (space,) = spaces
     assert space.name == "inp (+1 joined)"
-    assert _taps(space) == {"shared", "out"}
+    assert [t.node for t in space.taps] == ["relu", "relu_1", "relu_2"]  # every ReLU output
     assert _names(space.consumers) == {"shared.weight", "out.weight"}
     check_spaces(model, x, atol=1e-10)
 
@@ -522,7 +561,7 @@ def test_embedding_and_token_streams():
     (space,) = find_spaces(model, idx)
     assert space.name == "emb (+1 joined)"
     assert ParamSlice("emb.weight", 1, torch.arange(6)) in space.producers
-    assert _taps(space) == {"fc", "head"}
+    assert [t.module for t in space.taps] == ["emb", "norm"]  # the embedding and the stream
     check_spaces(model, idx, atol=1e-10)
 
 
@@ -621,7 +660,7 @@ def test_more_architectures(cls, shape, expected):
 
 
 # --------------------------------------------------------------------------
-# errors
+# ops that the previous walker refused: now followed exactly
 
 
 class Attention(nn.Module):
@@ -635,6 +674,8 @@ class Attention(nn.Module):
 
 
 class AttentionNet(nn.Module):
+    """A bilinear form q k^T: the keys are dual to the queries."""
+
     def __init__(self):
         super().__init__()
         self.inp = nn.Linear(4, 8)
@@ -666,10 +707,10 @@ class FeatureMeanNet(nn.Module):
 class GroupedConvNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2)
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 2, 1)
 
     def forward(self, x):
-        return self.b(self.a(x))
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
 class HalfSliceNet(nn.Module):
@@ -678,10 +719,12 @@ class HalfSliceNet(nn.Module):
         self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.fc2(self.fc1(x)[:, :4])
+        return self.fc2(torch.relu(self.fc1(x))[:, :4])
 
 
 class StraddleNet(nn.Module):
+    """GroupNorm(2, 8) over cat(3 channels, 5 channels): one group straddles both parts."""
+
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 5, 1)
@@ -692,23 +735,144 @@ class StraddleNet(nn.Module):
         return self.c(self.gn(torch.cat([self.a(x), self.b(x)], 1)))
 
 
-class FlattenBatchNet(nn.Module):
+FOLLOWED = [
+    # (model, input shape, [(name, dim, block_size)])
+    (AttentionNet, (3, 5, 4), [("inp", 8, 8), ("block.q (+1 joined)", 8, 8)]),
+    (SoftmaxNet, (3, 4), [("fc1", 8, 8)]),
+    (FeatureMeanNet, (3, 4), [("fc1", 8, 8)]),
+    (GroupedConvNet, (2, 3, 5, 5), [("a", 8, 4), ("b", 8, 4)]),
+    (HalfSliceNet, (3, 4), [("fc1", 4, 4)]),  # the other half is never read
+    (StraddleNet, (2, 3, 4, 4), [("a", 3, 3), ("b [0:1]", 1, 1), ("b [1:5]", 4, 4)]),
+]
+
+
+@pytest.mark.parametrize("cls, shape, expected", FOLLOWED, ids=[f[0].__name__ for f in FOLLOWED])
+def test_ops_followed_exactly(cls, shape, expected):
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    spaces = find_spaces(model, x)
+    assert [(s.name, s.dim, s.block_size) for s in spaces] == expected
+    check_spaces(model, x, atol=1e-10)
+
+
+def test_queries_and_keys_are_dual():
+    """q rows take the map, k rows its inverse: the key weight is a consumer of the query space."""
+    model = AttentionNet().double()
+    space = find_spaces(model, torch.randn(3, 5, 4, dtype=torch.float64))[1]
+    assert _names(space.producers) == {"block.q.weight", "block.q.bias"}
+    assert _names(space.consumers) == {"block.k.weight", "block.k.bias"}
+    assert [t.dual for t in space.taps] == [False, True]
+    torch.manual_seed(1)
+    x = torch.randn(7, 5, 4, dtype=torch.float64)
+    transformed = copy.deepcopy(model)
+    pairs = _random_pairs(find_spaces(model, x), seed=2)  # any invertible maps keep q k^T
+    state = apply_transforms(model.state_dict(), find_spaces(model, x), [None, pairs[1]])
+    transformed.load_state_dict(state)
+    with torch.no_grad():
+        _assert_close(model(x), transformed(x), 1e-9)
+
+
+# --------------------------------------------------------------------------
+# warnings: channels that cannot be aligned are averaged, and said so
+
+
+class ConstantScaleNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(3 * 8, 2)
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
 
     def forward(self, x):
-        return self.fc2(self.fc1(x).reshape(1, -1))  # features mixed with the batch
+        h = self.fc1(x)
+        return self.fc2(h * torch.arange(1, 7, dtype=h.dtype, device=h.device))
+
+
+class CumsumNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc3(torch.relu(self.fc2(h)).cumsum(-1))
+
+
+class TokenMixer(nn.Module):
+    """MLP-Mixer's token mixing: a Linear along the tokens while the channels sit on another axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.tokens, self.head = nn.Linear(3, 6), nn.Linear(5, 5), nn.Linear(6, 2)
+
+    def forward(self, x):  # (batch, 5 tokens, 3)
+        h = torch.relu(self.embed(x))
+        h = h + self.tokens(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(h.mean(1))
+
+
+WARNED = [
+    (ConstantScaleNet, (3, 4), [], ["fc1"], "constant that varies along them"),
+    (CumsumNet, (3, 4), ["fc1"], ["fc2"], "order of the channels"),
+    (TokenMixer, (3, 5, 3), ["embed"], [], "axis without channels"),
+]
+
+
+@pytest.mark.parametrize("cls, shape, kept, dropped, reason", WARNED, ids=[w[0].__name__ for w in WARNED])
+def test_channels_that_cannot_be_aligned_fall_back_to_averaging_with_a_warning(cls, shape, kept, dropped,
+                                                                                 reason):
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with pytest.warns(AveragingFallbackWarning, match=reason):
+        spaces = find_spaces(model, x)
+    assert [s.name for s in spaces] == kept
+    check_spaces(model, x, atol=1e-10)
+
+
+def test_a_merge_with_no_space_warns():
+    models = [ConstantScaleNet().double() for _ in range(2)]
+    from skmerge import ModelMerger
+    with pytest.warns(AveragingFallbackWarning, match="no feature space"):
+        ModelMerger(models, device="cpu").fit(torch.randn(20, 4, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------
+# errors
+
+
+class ChannelIndexNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(3, 2)
+        self.register_buffer("pick", torch.tensor([0, 5, 2]))
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x)[:, self.pick])
+
+
+class FFTNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.fft.rfft(self.fc1(x), dim=-1).abs())
+
+
+class ComputedWeightNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.v = nn.Parameter(torch.randn(2, 8))
+
+    def forward(self, x):
+        return F.linear(torch.relu(self.fc1(x)), self.v / self.v.norm(dim=1, keepdim=True))
 
 
 ERRORS = [
-    (AttentionNet, (3, 5, 4), "matmul", "block", "torch.matmul"),
-    (SoftmaxNet, (3, 4), "softmax", "<root>", "feature axis"),
-    (FeatureMeanNet, (3, 4), "mean", "<root>", "reduces over the feature axis"),
-    (GroupedConvNet, (2, 3, 5, 5), "b", "b", "groups=2"),
-    (HalfSliceNet, (3, 4), "getitem", "<root>", "boundaries"),
-    (StraddleNet, (2, 3, 4, 4), "gn", "gn", "straddle"),
-    (FlattenBatchNet, (3, 4), "reshape", "<root>", "merges the feature axis"),
+    (ChannelIndexNet, (3, 4), "index", "<root>", "indexes the channels"),
+    (FFTNet, (3, 4), "fft_rfft", "<root>", "no rule for this operation"),
+    (ComputedWeightNet, (3, 4), "linear_1", "<root>", "computed in the graph"),
 ]
 
 
@@ -727,6 +891,13 @@ def test_unsupported_operations_raise_with_node_and_module_path(cls, shape, node
     assert reason in message
     assert "by hand" in message and "spaces=" in message
     assert isinstance(err, ValueError)
+
+
+def test_an_input_the_model_cannot_take_gets_a_short_error():
+    model = _make("mlp")
+    with pytest.raises(ValueError, match=r"cannot run on the example input \(shape \(3, 7\).*expects 12 "
+                                         r"input features"):
+        find_spaces(model, torch.randn(3, 7, dtype=torch.float64))
 
 
 class Untraceable(nn.Module):
@@ -764,7 +935,8 @@ def test_untraceable_models_raise_and_spaces_can_be_given_by_hand():
     hand = _hand_spaces_for_mlp()
     model = _make("mlp")
     x = _x("mlp", 8)
-    assert hand == find_spaces(model, x)  # the hand-written spec is the traced one
+    found = find_spaces(model, x)  # the hand-written spec is the traced one, up to where it is observed
+    assert [(h.dim, h.producers, h.consumers) for h in hand] == [(f.dim, f.producers, f.consumers) for f in found]
     assert hand[0].taps[0].dim == 16 and hand[0].block_size == 16  # filled in
     permuted, _ = permute_model(model, spaces=hand, seed=3)
     with torch.no_grad():

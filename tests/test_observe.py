@@ -1,4 +1,4 @@
-"""The batch observer: statistics fed from inside the forward passes."""
+"""The batch observer: statistics fed from inside the runner's forward passes."""
 
 from types import SimpleNamespace
 
@@ -7,8 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from skmerge._observe import BatchObserver
-from skmerge.graph import Tap
+import _archs
+from skmerge._observe import BatchObserver, taps_by_key
+from skmerge.graph import Space, Tap, find_spaces
+from skmerge.graph._find import analyze
+from skmerge.graph._runner import GraphRunner, ModuleRunner, model_tensors
 from skmerge.stats import ReferenceCovariance
 
 
@@ -29,14 +32,15 @@ class _Looped(nn.Module):
 
 
 def _observe(models, x):
-    taps_by_module = {"lin": [(0, Tap("lin", 1, dim=3))],
-                      "head": [(1, Tap("head", 1, dim=3))],
-                      "side": [(1, Tap("side", 1, dim=3))]}
+    """Hand-written module taps (the inputs of modules), observed through the module runner."""
+    taps = {"lin": [(0, Tap("lin", 1, dim=3))],
+            "head": [(1, Tap("head", 1, dim=3))],
+            "side": [(1, Tap("side", 1, dim=3))]}
     statistics = [ReferenceCovariance(len(models), reference=0) for _ in range(2)]
     spaces = [SimpleNamespace(name="input"), SimpleNamespace(name="hidden")]
-    observer = BatchObserver(statistics, spaces, taps_by_module)
+    observer = BatchObserver(statistics, spaces, taps, ModuleRunner(models[0], list(taps)))
     for k, model in enumerate(models):
-        observer.run(model, k, x)
+        observer.run(model_tensors(model), k, x)
     observer.commit()
     return statistics
 
@@ -68,13 +72,21 @@ def test_every_call_is_observed_and_a_tensor_read_twice_counts_once():
 
 def test_a_model_calling_a_module_fewer_times_than_the_reference_is_an_error():
     x = torch.randn(20, 3)
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"Model 1 called \['lin'\] fewer times"):
-        _observe([_Looped(2), _Looped(1)], x)
+    models = [_Looped(2), _Looped(1)]
+    taps = {"lin": [(0, Tap("lin", 1, dim=3))]}
+    statistics = [ReferenceCovariance(2, reference=0)]
+    spaces = [SimpleNamespace(name="input")]
+    # the runner is built from each model's structure: model 1 loops once
+    observer = BatchObserver(statistics, spaces, taps, ModuleRunner(models[0], list(taps)))
+    observer.run(model_tensors(models[0]), 0, x)
+    observer.runner = ModuleRunner(models[1], list(taps))
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"Model 1 reached \['lin'\] fewer times"):
+        observer.run(model_tensors(models[1]), 1, x)
 
 
 def test_a_tapped_module_that_never_runs_is_an_error():
     x = torch.randn(20, 3)
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"\['lin'\] were never called"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"\['lin'\] were never reached"):
         _observe([_Looped(0), _Looped(0)], x)
 
 
@@ -85,3 +97,38 @@ def test_non_finite_activations_name_the_space_and_the_model():
         broken.lin.weight.fill_(float("nan"))
         with pytest.raises(ValueError, match=r"space 1 \(hidden\) of model 1"):
             _observe([_Looped(1), broken], x)
+
+
+def test_graph_taps_equal_the_values_an_independent_interpreter_records():
+    """The graph runner reports each tapped node's value with the given model's tensors."""
+    models = [_archs.make_model("resnet", seed) for seed in (0, 1)]
+    x = _archs.inputs("resnet", 16)
+    traced, spaces = analyze(models[0], x[:2])
+    statistics = [ReferenceCovariance(2, reference=0, precision="double") for _ in spaces]
+    observer = BatchObserver(statistics, spaces, taps_by_key(spaces),
+                             GraphRunner(traced, [t.node for s in spaces for t in s.taps], models[0]))
+    for k, model in enumerate(models):
+        observer.run(model_tensors(model), k, x)
+    observer.commit()
+    for space, stats in zip(spaces, statistics):
+        views = [_archs.tap_samples(model, space, x) for model in models]
+        expected = np.cov(np.hstack(views).T)
+        d = space.dim
+        np.testing.assert_allclose(stats.covariance(1).numpy(), expected[d:, d:], atol=1e-10)
+        np.testing.assert_allclose(stats.cross_covariance(1).numpy(), expected[d:, :d], atol=1e-10)
+
+
+def test_the_runner_never_touches_the_models():
+    """No hook is registered on, and no flag is switched in, the models being observed."""
+    model = _archs.make_model("vgg", 0)
+    model.train()
+    model.features[1].eval()
+    flags = [m.training for m in model.modules()]
+    x = _archs.inputs("vgg", 4)
+    traced, spaces = analyze(model, x[:2])
+    runner = GraphRunner(traced, [t.node for s in spaces for t in s.taps], model)
+    before = _archs.state_copy(model)
+    runner.run(model_tensors(model), (x,))
+    assert [m.training for m in model.modules()] == flags
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    _archs.assert_same_state(before, model)

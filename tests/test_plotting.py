@@ -83,18 +83,8 @@ def permutation_merger(mlps, digits):
 
 
 def _tap_activations(model, space, inputs):
-    """Raw activations of one space, captured with forward pre-hooks on its tap modules."""
-    captured = []
-    handles = [model.get_submodule(tap.module).register_forward_pre_hook(
-        lambda _m, args, tap=tap: captured.append(tap.extract(args[0]).detach().double()))
-        for tap in space.taps]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return torch.cat(captured).numpy()
+    """Raw activations of one space at its taps (captured independently of the merger)."""
+    return _archs.tap_samples(model, space, inputs)
 
 
 def _numpy_correlations(x, y):

@@ -118,15 +118,9 @@ def test_joint_covariance_errors():
 
 
 # ---------------------------------------------------------- leave-one-out targets
-def _captured(model, inputs, module):
-    """The input of ``module`` (a space's tap) when ``model`` runs on ``inputs``."""
-    seen = []
-    handle = model.get_submodule(module).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
-        _archs.outputs(model, inputs)
-    finally:
-        handle.remove()
-    return seen[0].numpy()
+def _captured(model, inputs, space):
+    """A space's activations at its taps when ``model`` runs on ``inputs``."""
+    return _archs.tap_samples(model, space, inputs)
 
 
 def test_statistics_and_leave_one_out_targets_match_captured_activations():
@@ -136,8 +130,7 @@ def test_statistics_and_leave_one_out_targets_match_captured_activations():
     merger = ReferenceFreeMerger(models, CCAAligner(0.2), weights=weights, device="cpu",
                                  max_iter=3, batch_size=64).fit(inputs)
     space = merger.spaces_[0]
-    (tap,) = space.taps
-    acts = [_captured(model, inputs, tap.module) for model in models]
+    acts = [_captured(model, inputs, space) for model in models]
     stats = merger.statistics_[0]
     assert stats.n_samples_ == 300
     joint = np.cov(np.concatenate(acts, axis=1).T)

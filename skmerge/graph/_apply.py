@@ -61,7 +61,9 @@ def _locate(t: torch.Tensor, sl: ParamSlice):
     index = sl.index.to(t.device)
     d, k = index.shape
     # k > 1 (or positions past the axis): the positions count tensor.flatten(axis)
-    flat = k > 1 or (index.numel() > 0 and int(index.max()) >= t.shape[sl.axis])
+    flat = sl.flat
+    if flat is None:
+        flat = k > 1 or (index.numel() > 0 and int(index.max()) >= t.shape[sl.axis])
     view = t.flatten(sl.axis) if flat else t
     positions = index.reshape(-1)
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= view.shape[sl.axis]):

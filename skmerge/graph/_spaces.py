@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ParamSlice", "Tap", "Space", "UnsupportedOperationError"]
+__all__ = ["ParamSlice", "Tap", "GraphTap", "Space", "UnsupportedOperationError", "AveragingFallbackWarning"]
 
 _HAND_HINT = (
     "To merge such a model, describe its feature spaces by hand: build "
@@ -17,18 +17,29 @@ _HAND_HINT = (
 )
 
 
+class AveragingFallbackWarning(UserWarning):
+    """Some channels of a model cannot be aligned: the merge averages them as they are.
+
+    Issued by :func:`~skmerge.graph.find_spaces` (and so by the mergers) when
+    an operation fixes channels that a layer produces (a constant varying
+    along them, an op that depends on their order, a map along an axis
+    without channels) and when a model has no feature space at all. The
+    message names the module and the operation.
+    """
+
+
 class UnsupportedOperationError(ValueError):
     """A model contains an operation that :func:`find_spaces` has no rule for.
 
     Raised instead of guessing, so that a merge never uses a silently wrong
-    description of the model. The message names the torch.fx node, its
-    op/target and the module path it was called from, and explains how to
-    pass the spaces by hand.
+    description of the model. The message names the graph node, its ATen op
+    and the module path it was called from, and explains how to pass the
+    spaces by hand.
 
     Attributes
     ----------
     node : str or None
-        Name of the offending torch.fx node (None for tracing failures).
+        Name of the offending node of the exported graph (None for tracing failures).
     target : str or None
         Readable op/target of that node.
     module_path : str or None
@@ -85,16 +96,25 @@ class ParamSlice:
     variance : bool, default=False
         True for variance-like buffers (``running_var``): they transform with
         the elementwise squares of the mapping.
+    flat : bool or None, default=None
+        Whether ``index`` counts the positions of ``tensor.flatten(axis)``
+        (True) or of ``axis`` itself, trailing dimensions carried along
+        (False). None decides as described above (flat when ``k > 1`` or an
+        index points past the size of ``axis``); :func:`find_spaces` always
+        says which.
     """
 
     name: str
     axis: int
     index: torch.Tensor
     variance: bool = False
+    flat: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "index", _as_index(self.index))
         object.__setattr__(self, "axis", int(self.axis))
+        if self.flat is not None:
+            object.__setattr__(self, "flat", bool(self.flat))
 
     @property
     def dim(self) -> int:
@@ -108,7 +128,9 @@ class ParamSlice:
             self.name == other.name
             and self.axis == other.axis
             and self.variance == other.variance
+            and self.index.shape == other.index.shape
             and torch.equal(self.index, other.index)
+            and (self.flat is None or other.flat is None or self.flat == other.flat)
         )
 
     def __hash__(self):
@@ -212,6 +234,105 @@ class Tap:
         return f"Tap({self.module!r}, axis={self.axis}{extra})"
 
 
+@dataclass(frozen=True, eq=False)
+class GraphTap:
+    """A place where :func:`find_spaces` observes a space: a tensor of the exported graph.
+
+    Taps are placed where a space's features are formed: at the output of the
+    nonlinearity that follows each layer producing the space (or of the layer,
+    or its norm, when none follows), over all positions, before any pooling,
+    strided or shape-changing op. A residual stream is observed at the output
+    of every block that writes to it.
+
+    Parameters
+    ----------
+    node : str
+        Name of the node of the exported graph (``torch.export``) whose output
+        is observed.
+    axes : tuple of int
+        Axes of that tensor that hold the space's channels (usually one).
+    index : torch.Tensor
+        LongTensor ``(d, k)``: channel ``c`` of the space is read at positions
+        ``index[c, :]`` of the tensor's ``axes`` flattened in order; every
+        other position, and the ``k`` positions of a channel, are samples.
+    dual : bool, default=False
+        The observed channels transform with the inverse transpose of the
+        space's map (the keys of a query-key space).
+    module : str, default=""
+        Path of the module the node belongs to (for reading only).
+    """
+
+    node: str
+    axes: tuple
+    index: torch.Tensor
+    dual: bool = False
+    module: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "index", _as_index(self.index))
+        object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+
+    @property
+    def dim(self) -> int:
+        """Number of channels ``d`` read by the tap."""
+        return int(self.index.shape[0])
+
+    def _contiguous_range(self):
+        """``(axis, start)`` when the tap reads one axis at consecutive positions, else None."""
+        d, k = self.index.shape
+        if len(self.axes) != 1 or k != 1 or d == 0:
+            return None
+        start = int(self.index[0, 0])
+        if torch.equal(self.index[:, 0], torch.arange(start, start + d)):
+            return self.axes[0], start
+        return None
+
+    def extract_grouped(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Samples of the space in ``tensor``, as ``(n_groups, group_size, d)``, without a copy where possible.
+
+        A channel range on axis 1 of a ``(N, C, *spatial)`` map is a strided
+        view ``(N, prod(spatial), d)``; otherwise one group holding the sample
+        matrix of :meth:`extract`.
+        """
+        fast = self._contiguous_range()
+        if fast is not None:
+            axis, start = fast
+            if axis == 1 and tensor.ndim >= 3:
+                grouped = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+                return grouped[:, start:start + self.dim].transpose(1, 2)
+            if axis == tensor.ndim - 1:
+                return tensor.reshape(-1, tensor.shape[-1])[:, start:start + self.dim].unsqueeze(0)
+        return self.extract(tensor).unsqueeze(0)
+
+    def extract(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Samples of the space in ``tensor`` as an ``(n_samples, d)`` matrix."""
+        moved = tensor.movedim(self.axes, tuple(range(-len(self.axes), 0)))
+        flat = moved.reshape(*moved.shape[: moved.ndim - len(self.axes)], -1)
+        d, k = self.index.shape
+        picked = flat.index_select(-1, self.index.reshape(-1).to(tensor.device))
+        picked = picked.reshape(*flat.shape[:-1], d, k).movedim(-1, -2)
+        return picked.reshape(-1, d)
+
+    def __eq__(self, other):
+        if not isinstance(other, GraphTap):
+            return NotImplemented
+        return (self.node == other.node and self.axes == other.axes and self.dual == other.dual
+                and self.index.shape == other.index.shape and torch.equal(self.index, other.index))
+
+    def __hash__(self):
+        return hash((self.node, self.axes, self.dual, tuple(self.index.shape)))
+
+    def __repr__(self):
+        where = f"{self.module}: " if self.module else ""
+        fast = self._contiguous_range()
+        if fast is not None:
+            axis, start = fast
+            chans = f"axis {axis}" + (f"[{start}:{start + self.dim}]" if start else "")
+        else:
+            chans = f"axes {self.axes}: {self.dim} ch x {self.index.shape[1]}"
+        return f"GraphTap({where}{self.node}, {chans}{', dual' if self.dual else ''})"
+
+
 def _short_list(items, limit=6) -> str:
     items = list(items)
     text = ", ".join(repr(i) for i in items[:limit])
@@ -235,14 +356,26 @@ class Space:
     consumers : sequence of ParamSlice
         Input columns of Linear/Conv weights reading the space. They
         transform as ``C' = C @ inverse_mapping.T`` along their axis.
-    taps : sequence of Tap
-        Every consumer input where the space is observed; a residual stream
-        has several and their statistics are pooled.
+    taps : sequence of Tap or GraphTap
+        Where the space is observed (:class:`Tap`: the input of a module, for
+        spaces written by hand; :class:`GraphTap`: a tensor of the exported
+        graph, as :func:`find_spaces` places them). A residual stream has
+        several and their statistics are pooled.
     block_size : int or None, default=None
         Transforms must be block-diagonal with blocks of this size (``dim``
-        normally, ``C // G`` under ``GroupNorm(G, C)``). None means ``dim``.
+        normally; ``C // G`` under ``GroupNorm(G, C)`` or a grouped
+        convolution; the head size in attention). None means ``dim``.
     name : str, default=""
         Readable name, e.g. ``"layer1.0.conv2 (+3 joined)"``.
+    orthogonal : bool, default=False
+        Some entries are both producers and consumers of the space (a weight
+        tied between an embedding and an output layer): only maps equal to
+        their inverse transpose (permutations, rotations) keep the model's
+        function. Such entries are listed once, as producers.
+    block_family : str or None, default=None
+        Spaces with the same family (the query-key and value-output spaces of
+        one attention layer) may permute their blocks (heads) only together,
+        with one permutation of whole blocks.
     """
 
     dim: int
@@ -251,6 +384,8 @@ class Space:
     taps: tuple = ()
     block_size: int | None = None
     name: str = ""
+    orthogonal: bool = False
+    block_family: str | None = None
 
     def __post_init__(self):
         self.dim = int(self.dim)
@@ -268,8 +403,13 @@ class Space:
                 raise ValueError(f"{s!r} covers {s.dim} channels but the space has dim {self.dim}")
         taps = []
         for t in self.taps:
+            if isinstance(t, GraphTap):
+                if t.dim != self.dim:
+                    raise ValueError(f"{t!r} reads {t.dim} channels but the space has dim {self.dim}")
+                taps.append(t)
+                continue
             if not isinstance(t, Tap):
-                raise TypeError(f"taps must be Tap objects, got {t!r}")
+                raise TypeError(f"taps must be Tap or GraphTap objects, got {t!r}")
             if t.dim is None:  # hand-built taps: the space knows its width
                 t = dataclasses.replace(t, dim=self.dim)
             elif t.dim != self.dim:
@@ -279,6 +419,8 @@ class Space:
 
     def __repr__(self):
         block = f", block_size={self.block_size}" if self.block_size != self.dim else ""
+        block += ", orthogonal" if self.orthogonal else ""
+        block += f", block_family={self.block_family!r}" if self.block_family else ""
         return (
             f"Space(dim={self.dim}{block}, name={self.name!r})\n"
             f"  producers ({len(self.producers)}): {_short_list(self.producers)}\n"
