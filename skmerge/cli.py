@@ -470,17 +470,12 @@ def _progress(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def _device(name: str):
-    import torch
+    from ._validation import check_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise CLIError(f"--device {name!r} is not a torch device (try cpu, cuda or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name} was asked for, but CUDA is not available")
-    return device
+        return check_device(name, "--device")
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -640,22 +635,13 @@ def _check_fits_data(loaded, dataset, name: str) -> None:
 
 
 def _check_same_architecture(loaded) -> None:
-    first_path, first, first_meta = loaded[0]
-    first_shapes = {k: tuple(v.shape) for k, v in first.state_dict().items()}
-    for path, model, meta in loaded[1:]:
-        if type(model) is not type(first):
-            raise CLIError(f"checkpoints of different architectures cannot be merged: "
-                           f"{first_path} is a {type(first).__name__}, {path} a "
-                           f"{type(model).__name__}")
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if shapes.keys() != first_shapes.keys():
-            diff = sorted(shapes.keys() ^ first_shapes.keys())[:3]
-            raise CLIError(f"checkpoints of different architectures cannot be merged: "
-                           f"{first_path} and {path} differ in parameters {diff}")
-        for key, shape in shapes.items():
-            if shape != first_shapes[key]:
-                raise CLIError(f"checkpoints of different shapes cannot be merged: {key} "
-                               f"is {first_shapes[key]} in {first_path} but {shape} in {path}")
+    from ._model_checks import architecture_difference
+
+    first_path, first, _ = loaded[0]
+    for path, model, _ in loaded[1:]:
+        difference = architecture_difference(model, first, path, first_path)
+        if difference is not None:
+            raise CLIError(f"checkpoints of different architectures cannot be merged: {difference}")
 
 
 def _save(model, path: Path, **metadata: Any) -> None:

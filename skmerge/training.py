@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ._modes import evaluation_mode
+
 __all__ = [
     "train_model",
     "train_models",
@@ -395,16 +397,13 @@ def _logits_and_labels(model: nn.Module, data: Any, batch_size: int,
                        device: str | torch.device | None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     dev = _resolve_device(model, device)
-    was_training = model.training
-    model.to(dev).eval()
-    try:
+    model.to(dev)
+    with evaluation_mode([model]):
         outs, labels = [], []
         for xb, yb in _batches(data, batch_size):
             outs.append(model(xb.to(dev)).float().cpu())
             if yb is not None:
                 labels.append(yb.cpu())
-    finally:
-        model.train(was_training)
     logits = torch.cat(outs) if outs else torch.empty(0)
     return logits, (torch.cat(labels).long() if labels else None)
 

@@ -662,3 +662,18 @@ def test_cca_factors_the_shared_reference_once_and_never_serves_stale_roots(monk
     refit = CCAAligner().fit_from_stats(stats.pair(1))
     direct = CCAAligner().fit(np.vstack([views[1], more[1]]), np.vstack([views[0], more[0]]))
     np.testing.assert_allclose(refit.mapping_.numpy(), direct.mapping_, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", ALIGNERS)
+def test_sparse_y_and_meta_tensors_are_named(cls):
+    import scipy.sparse
+
+    X, y, _ = _linear_data()
+    for sparse in (scipy.sparse.csr_matrix(y), torch.from_numpy(y).to_sparse()):
+        with pytest.raises(TypeError, match="Sparse data was passed for y, but dense data is required"):
+            cls().fit(X, sparse)
+        with pytest.raises(TypeError, match="Sparse data was passed for y"):
+            cls().partial_fit(torch.from_numpy(X), sparse)
+    meta = torch.empty(X.shape, device="meta")
+    with pytest.raises(ValueError, match="X is on the meta device"):
+        cls().fit(meta, meta)

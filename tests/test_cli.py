@@ -266,7 +266,7 @@ ERROR_CASES = {
     "garbage checkpoint": (["evaluate", "{odd}/garbage.pt", "--dataset", "digits"],
                            "not a checkpoint"),
     "different shapes": (["merge", "{a}", "{odd}/narrow.pt", "--dataset", "digits",
-                          "--out", "{tmp}/m.pt"], "different shapes"),
+                          "--out", "{tmp}/m.pt"], "has shape (16, 64)"),
     "different architectures": (["merge", "{a}", "{odd}/vgg.pt", "--dataset", "digits",
                                  "--out", "{tmp}/m.pt"], "different architectures"),
     "unknown architecture": (["evaluate", "{odd}/unknown_arch.pt", "--dataset", "digits"],

@@ -1,5 +1,8 @@
 """Tests of skmerge.training: recipes, determinism, evaluation, checkpoints."""
 
+import copy
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -200,6 +203,15 @@ def two_models(small):
     torch.manual_seed(0)
     return [train_model(get_model("mlp", width=0.25, **DIGITS), small, epochs=2, seed=s)
             for s in (0, 1)]
+
+
+def test_evaluation_restores_every_submodule_flag(two_models, digits):
+    model = copy.deepcopy(two_models[0]).train()
+    frozen = [m for m in model.modules() if m is not model][0]
+    frozen.eval()
+    evaluate(model, digits[1])
+    assert model.training and not frozen.training
+    assert all(m.training for m in model.modules() if m is not frozen)
 
 
 def test_evaluate_matches_manual(two_models, digits):
