@@ -66,7 +66,9 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         default.
     reset_bn : bool, default=True
         Re-estimate the merged model's BatchNorm running statistics on the
-        alignment data (averaged statistics do not describe the merged model).
+        alignment data (averaged statistics do not describe the merged model):
+        exact population statistics, whatever the batch sizes
+        (:func:`skmerge.batchnorm.reset_bn_stats`).
     repair : bool, default=False
         After averaging (and the BatchNorm reset), apply REPAIR (Jordan et al.,
         ICLR 2023; :func:`skmerge.repair.repair_`): rescale and shift every
