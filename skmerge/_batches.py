@@ -46,6 +46,7 @@ def as_loader(X, batch_size: int, y=None) -> DataLoader:
         )
     tensors = [inputs]
     if y is not None:
+        check_dense_labels(y)
         labels = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
         if len(labels) != len(inputs):
             raise ValueError(
@@ -56,6 +57,10 @@ def as_loader(X, batch_size: int, y=None) -> DataLoader:
 
 
 def _checked_tensor(X: torch.Tensor) -> torch.Tensor:
+    _check_has_values(X, "X")
+    if X.layout != torch.strided:
+        raise TypeError("X is a sparse tensor, but dense data is required; convert it with "
+                        "X.to_dense().")
     if X.ndim < 2:
         raise ValueError(
             f"X must have at least 2 dimensions (n_samples, ...), got shape {tuple(X.shape)}; "
@@ -66,6 +71,19 @@ def _checked_tensor(X: torch.Tensor) -> torch.Tensor:
     if X.is_floating_point() and not bool(torch.isfinite(X).all()):
         raise ValueError("X contains NaN or infinity.")
     return X
+
+
+def _check_has_values(tensor: torch.Tensor, name: str) -> None:
+    if tensor.is_meta:
+        raise ValueError(f"{name} is on the meta device, which holds shapes but no values; "
+                         "pass real data.")
+
+
+def check_dense_labels(y) -> None:
+    """Refuse sparse labels with a message that says so (numpy would make an object array)."""
+    if sp.issparse(y) or (isinstance(y, torch.Tensor) and y.layout != torch.strided):
+        raise TypeError("y is sparse, but labels must be a dense 1-D array; convert it with "
+                        "y.toarray().ravel() (or y.to_dense() for a torch tensor).")
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,6 +102,7 @@ def iter_inputs(loader: DataLoader, device: torch.device, dtype: torch.dtype) ->
     for batch in loader:
         inputs, _ = split_batch(batch)
         inputs = torch.as_tensor(inputs)
+        _check_has_values(inputs, "The input data")
         if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
             raise ValueError("The input data contains NaN or infinity.")
         if inputs.is_floating_point():
@@ -93,8 +112,8 @@ def iter_inputs(loader: DataLoader, device: torch.device, dtype: torch.dtype) ->
         yield inputs
 
 
-def length_or_none(loader) -> int | None:
-    """``len(loader)``, or None for a stream without a length (an ``IterableDataset``)."""
+def loader_length(loader) -> int | None:
+    """Number of batches, or None for a stream without ``__len__`` (progress bars without a total)."""
     try:
         return len(loader)
     except TypeError:

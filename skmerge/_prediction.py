@@ -7,7 +7,7 @@ import torch
 from sklearn.metrics import accuracy_score
 from sklearn.utils.validation import check_is_fitted
 
-from ._batches import as_loader, iter_inputs, split_batch
+from ._batches import as_loader, check_dense_labels, iter_inputs, split_batch
 
 
 class MergedModelClassifierMixin:
@@ -90,6 +90,7 @@ class MergedModelClassifierMixin:
         """
         if y is None:
             y = labels_of(as_loader(X, self.batch_size))
+        check_dense_labels(y)
         return float(accuracy_score(np.asarray(torch.as_tensor(y).cpu()), self.predict(X),
                                     sample_weight=sample_weight))
 

@@ -12,7 +12,9 @@ that ``--help`` answers quickly.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +42,14 @@ class CLIError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors go through :func:`main`'s one-line report."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse takes a token such as "-1,2" or "-1e3" for an unknown option
+        # ("--weights -1,2: expected one argument"). No skmerge option starts
+        # with a digit, so such a token is a value, and its option's check
+        # says what is wrong with it.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise CLIError(f"{message} (see '{self.prog} --help')")
@@ -125,12 +135,17 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _float_list(text: str) -> list[float]:
+def _weights(text: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",")]
+        values = [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers such as 0.5,0.5, got {text!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"weights must be non-negative numbers, got {text!r}")
+    if sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"weights must not all be zero, got {text!r}")
+    return values
 
 
 # --------------------------------------------------------------------------
@@ -351,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "Shrinkage (default: CCAAligner's, 0.3)")
     merge.add_argument("--reference", type=_int_at_least(0), default=0, metavar="K",
                        help="index of the checkpoint the others are aligned to (default: 0)")
-    merge.add_argument("--weights", type=_float_list, default=None, metavar="W1,W2,...",
+    merge.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,...",
                        help="averaging weights, one per checkpoint (default: uniform)")
     merge.add_argument("--reference-free", action="store_true",
                        help="align all models to their common barycenter instead of to the "
@@ -470,17 +485,12 @@ def _progress(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def _device(name: str):
-    import torch
+    from ._validation import check_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise CLIError(f"--device {name!r} is not a torch device (try cpu, cuda or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name} was asked for, but CUDA is not available")
-    return device
+        return check_device(name, "--device")
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -530,6 +540,34 @@ def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise CLIError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write {path}: no permission to write in {parent}")
+
+
+def _check_folder_writable(folder: Path) -> None:
+    """A folder that exists or can be created, and can be written (before any work)."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"--out {folder} exists and is not a folder" if existing == folder else
+                       f"cannot create --out {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write --out {folder}: no permission to write in {existing}")
+
+
+def _check_not_an_input(out: Path, inputs: Sequence[str]) -> None:
+    """Refuse to overwrite an input checkpoint (same file, whatever the spelling of its path)."""
+    if not out.exists():
+        return
+    for path in inputs:
+        try:
+            same = os.path.samefile(out, path)
+        except OSError:
+            continue  # a missing input is reported when it is read
+        if same:
+            raise CLIError(f"--out {out} is one of the input checkpoints ({path}); write the "
+                           "merged checkpoint to another file")
 
 
 # --------------------------------------------------------------------------
@@ -571,6 +609,37 @@ def _describe_arch(arch: dict[str, Any]) -> str:
     return f"{arch.get('name')}({kwargs})"
 
 
+def _check_model_size(arch: dict[str, Any], what: str, copies: int = 1) -> None:
+    """Refuse, before allocating anything, an architecture too large for the memory available.
+
+    The model is first built on the meta device (shapes without values), so
+    a width of 1e9 or hidden sizes of 10^6 in a checkpoint's metadata give
+    this error instead of an attempt to allocate terabytes. ``copies``: how
+    many times its parameters' size the command needs.
+    """
+    import torch
+
+    from ._memory import available_bytes
+    from .models import get_model
+
+    try:
+        with torch.device("meta"):
+            skeleton = get_model(arch["name"], **dict(arch.get("kwargs", {})))
+    except (TypeError, ValueError) as error:
+        raise CLIError(f"{what}cannot build {_describe_arch(arch)}: {error}") from None
+    except RuntimeError as error:  # sizes past what a tensor can index
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise CLIError(f"{what}{_describe_arch(arch)} has too many parameters to build ({first})") from None
+    tensors = [*skeleton.parameters(), *skeleton.buffers()]
+    n_params = sum(t.numel() for t in skeleton.parameters())
+    size = copies * sum(t.numel() * t.element_size() for t in tensors)
+    available = available_bytes("cpu")
+    if available is not None and size > available:
+        raise CLIError(f"{what}{_describe_arch(arch)} has {n_params:,} parameters and needs "
+                       f"{size / 2**30:,.1f} GiB, but only {available / 2**30:,.1f} GiB of memory "
+                       "are available")
+
+
 def _read_checkpoint(path: str) -> tuple[dict, dict]:
     from .training import load_checkpoint
 
@@ -605,10 +674,8 @@ def _load_models(args: argparse.Namespace) -> list[tuple[str, Any, dict]]:
         if not isinstance(arch, dict) or "name" not in arch:
             raise CLIError(f"{path} does not record its architecture (a bare state_dict?); "
                            "pass --model NAME (and --width/--hidden) to say how to build it")
-        try:
-            model = get_model(arch["name"], **dict(arch.get("kwargs", {})))
-        except (TypeError, ValueError) as error:
-            raise CLIError(f"{path}: cannot build {_describe_arch(arch)}: {error}") from None
+        _check_model_size(arch, f"{path}: ")
+        model = get_model(arch["name"], **dict(arch.get("kwargs", {})))
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
@@ -640,22 +707,13 @@ def _check_fits_data(loaded, dataset, name: str) -> None:
 
 
 def _check_same_architecture(loaded) -> None:
-    first_path, first, first_meta = loaded[0]
-    first_shapes = {k: tuple(v.shape) for k, v in first.state_dict().items()}
-    for path, model, meta in loaded[1:]:
-        if type(model) is not type(first):
-            raise CLIError(f"checkpoints of different architectures cannot be merged: "
-                           f"{first_path} is a {type(first).__name__}, {path} a "
-                           f"{type(model).__name__}")
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if shapes.keys() != first_shapes.keys():
-            diff = sorted(shapes.keys() ^ first_shapes.keys())[:3]
-            raise CLIError(f"checkpoints of different architectures cannot be merged: "
-                           f"{first_path} and {path} differ in parameters {diff}")
-        for key, shape in shapes.items():
-            if shape != first_shapes[key]:
-                raise CLIError(f"checkpoints of different shapes cannot be merged: {key} "
-                               f"is {first_shapes[key]} in {first_path} but {shape} in {path}")
+    from ._model_checks import architecture_difference
+
+    first_path, first, _ = loaded[0]
+    for path, model, _ in loaded[1:]:
+        difference = architecture_difference(model, first, path, first_path)
+        if difference is not None:
+            raise CLIError(f"checkpoints of different architectures cannot be merged: {difference}")
 
 
 def _save(model, path: Path, **metadata: Any) -> None:
@@ -679,13 +737,14 @@ def _train(args: argparse.Namespace) -> int:
     from .training import evaluate, train_models
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
+    _check_folder_writable(out)
     if not 0.0 <= args.majority <= 1.0:
         raise CLIError(f"--majority must be in [0, 1], got {args.majority}")
     device = _device(args.device)
     say = _progress(args)
     kwargs = _architecture_kwargs(args.model, args.dataset, args.width, args.hidden)
+    # Weights, gradients and the optimizer's two moments.
+    _check_model_size({"name": args.model, "kwargs": kwargs}, "", copies=4)
     train, test = _load_split(args, "train"), _load_split(args, "test")
     if args.split == "same":
         parts = split_same(train, args.n_models)
@@ -747,6 +806,7 @@ def _merge(args: argparse.Namespace) -> int:
                        "coefficients replace the average that REPAIR corrects")
     out = Path(args.out)
     _check_writable(out)
+    _check_not_an_input(out, args.checkpoints)
     device = _device(args.device)
     say = _progress(args)
 

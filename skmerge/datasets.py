@@ -15,8 +15,10 @@ Sources:
   dataset-fashion-mnist`` into ``/usr/share/datasets/fashion-mnist``.
 * ``"cifar10"`` / ``"cifar100"``: the "python version" folders
   ``cifar-10-batches-py`` / ``cifar-100-python`` from
-  https://www.cs.toronto.edu/~kriz/cifar.html. They are pickle files: only
-  load copies you trust.
+  https://www.cs.toronto.edu/~kriz/cifar.html. They are pickle files, read
+  with an unpickler that builds only what such a file holds (dicts, lists,
+  strings, bytes, numbers and NumPy arrays): a crafted file that would run
+  code is refused with an error instead.
 """
 
 from __future__ import annotations
@@ -324,6 +326,62 @@ _CIFAR = {
 }
 
 
+def _numpy_global(module: str, name: str):
+    """A NumPy function by its pickled path (``numpy.core`` in NumPy 1 files, ``numpy._core`` in 2)."""
+    import importlib
+
+    for candidate in (module.replace("numpy.core", "numpy._core"), module.replace("numpy._core", "numpy.core")):
+        try:
+            return getattr(importlib.import_module(candidate), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"{module}.{name} is not available in this NumPy")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what CIFAR batch files hold: no pickled callable of the file ever runs.
+
+    Dicts, lists, strings, bytes and numbers need no global; NumPy arrays
+    need the few reconstruction functions below (both NumPy 1 and 2 paths,
+    and ``_codecs.encode``, which Python 3 pickles of bytes use). Any other
+    global (``os.system``, ``builtins.eval``, ...) is refused.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            import codecs
+
+            return codecs.encode
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which a CIFAR batch never contains")
+        if module == "numpy":
+            return getattr(np, name)
+        return _numpy_global(module, name)
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    """One pickled CIFAR batch, read with :class:`_CifarUnpickler`."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError) as error:
+        raise ValueError(f"{path} is not a CIFAR batch file that can be read safely: {error}. "
+                         "Get the original files from https://www.cs.toronto.edu/~kriz/cifar.html."
+                         ) from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR batch: it holds a {type(batch).__name__}, not a dict.")
+    return batch
+
+
 def _load_cifar(name: str, split: str, root: str | os.PathLike | None, label_key: bytes,
                 normalize: bool) -> TensorDataset:
     spec = _CIFAR[name]
@@ -343,8 +401,11 @@ def _load_cifar(name: str, split: str, root: str | os.PathLike | None, label_key
         )
     images, labels = [], []
     for n in files:
-        with open(folder / n, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = _read_cifar_batch(folder / n)
+        missing = [key for key in (b"data", label_key) if key not in batch]
+        if missing:
+            raise ValueError(f"{folder / n} is not a {name.upper()} batch: it has no "
+                             f"{', '.join(k.decode() for k in missing)} entry.")
         images.append(np.asarray(batch[b"data"], dtype=np.uint8))
         labels.append(np.asarray(batch[label_key], dtype=np.int64))
     x = np.concatenate(images).reshape(-1, 3, 32, 32).astype(np.float32)

@@ -18,10 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._blocks import BlockAligner, block_families, match_blocks, orthogonal_aligner
-from ._batches import as_loader, iter_inputs, length_or_none as _length
+from ._batches import as_loader, iter_inputs, loader_length as _length
 from ._observe import BatchObserver, taps_by_key
 from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
+from ._model_checks import architecture_difference, check_model_tensors
 from ._prediction import MergedModelClassifierMixin
+from ._validation import check_device
 from .aligners import CCAAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
 from .graph import AveragingFallbackWarning, Space, apply_transforms
@@ -53,8 +55,12 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     Parameters
     ----------
     models : sequence of torch.nn.Module
-        Two or more models of the same architecture (same class, same
-        ``state_dict`` keys and shapes). They are never modified.
+        Two or more models of the same architecture, compared by structure:
+        the same module types (by qualified name, so two classes of one name
+        from a factory function qualify) and ``state_dict`` keys, shapes and
+        dtypes. Every parameter and buffer must be finite and on one device
+        per model. They are never modified (each submodule's training flag
+        included).
     aligner : estimator, default=CCAAligner()
         Any skmerge aligner (an estimator with ``fit_from_stats``, ``mapping_``
         and ``inverse_mapping_``). It is cloned for every (space, model) pair.
@@ -65,7 +71,9 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         default.
     reset_bn : bool, default=True
         Re-estimate the merged model's BatchNorm running statistics on the
-        alignment data (averaged statistics do not describe the merged model).
+        alignment data (averaged statistics do not describe the merged model):
+        exact population statistics, whatever the batch sizes
+        (:func:`skmerge.batchnorm.reset_bn_stats`).
     repair : bool, default=False
         After averaging (and the BatchNorm reset), apply REPAIR (Jordan et al.,
         ICLR 2023; :func:`skmerge.repair.repair_`): rescale and shift every
@@ -204,28 +212,15 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         for k, model in enumerate(models):
             if not isinstance(model, nn.Module):
                 raise TypeError(f"models[{k}] is a {type(model).__name__}, not a torch.nn.Module.")
-        first = models[0]
-        reference_shapes = {key: tuple(t.shape) for key, t in first.state_dict().items()}
         for k, model in enumerate(models[1:], start=1):
-            if type(model) is not type(first):
-                raise ValueError(
-                    f"models[{k}] is a {type(model).__name__} but models[0] is a "
-                    f"{type(first).__name__}: all models must share one architecture."
-                )
-            shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-            if shapes.keys() != reference_shapes.keys():
-                missing = sorted(reference_shapes.keys() - shapes.keys())[:3]
-                extra = sorted(shapes.keys() - reference_shapes.keys())[:3]
-                raise ValueError(
-                    f"models[{k}] has different state_dict keys from models[0] "
-                    f"(missing {missing}, extra {extra}): all models must share one architecture."
-                )
-            for key, shape in shapes.items():
-                if shape != reference_shapes[key]:
-                    raise ValueError(
-                        f"models[{k}] has {key} of shape {shape} but models[0] has "
-                        f"{reference_shapes[key]}: all models must share one architecture."
-                    )
+            difference = architecture_difference(model, models[0], f"models[{k}]", "models[0]")
+            if difference is not None:
+                raise ValueError(f"models[{k}] and models[0] have different architectures: "
+                                 f"{difference}. All models must share one architecture.")
+        # Once, before any work: values that no statistic would notice (the last
+        # layer, a running variance) would otherwise reach the merged model.
+        for k, model in enumerate(models):
+            check_model_tensors(model, f"models[{k}]")
         return models
 
     def _validated_reference(self, n_models: int) -> int:
@@ -242,15 +237,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         return _normalized_weights(self.weights, n_models)
 
     def _resolved_device(self) -> torch.device:
-        if isinstance(self.device, str) and self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"device={self.device!r} is not a valid torch device.") from error
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} was asked for, but CUDA is not available.")
-        return device
+        return check_device(self.device, "device")
 
     # ----------------------------------------------------------------------- fit
     def fit(self, X, y=None):

@@ -40,6 +40,7 @@ import torch
 from sklearn.base import clone
 from tqdm.auto import tqdm
 
+from ._memory import available_bytes
 from ._validation import check_nonnegative_real, check_positive_int
 from .aligners import CCAAligner, PermutationAligner
 from .graph import Space
@@ -199,37 +200,33 @@ def _joint_bytes(n_models: int, dims: Sequence[int]) -> int:
     return int(sum(8 * (blocks * d * d + n_models * d) for d in dims))
 
 
-def _available_bytes(device: torch.device) -> int | None:
-    """Memory that ``device`` can still give (None when unknown).
+def _solve_bytes(n_models: int, dims: Sequence[int]) -> int:
+    """Bytes of float64 ``d x d`` matrices that the sweeps need on top of the statistics.
 
-    CUDA: the driver's free memory plus what PyTorch's caching allocator holds
-    unused. CPU: ``MemAvailable`` of ``/proc/meminfo`` (free memory plus
-    reclaimable caches; Linux only).
+    Kept for every space: each model's fitted mapping and inverse (2 n).
+    While one space is solved: the current mappings and the running sums of
+    :class:`_LeaveOneOutTargets` (2 n), the start's aligners (2 n), and the
+    target's and the aligner's temporaries (covariances, shrinkage, square
+    roots, SVD factors and products: 24 at most, for CCA).
     """
-    try:
-        if device.type == "cuda":
-            free = torch.cuda.mem_get_info(device)[0]
-            return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-        if device.type == "cpu":
-            with open("/proc/meminfo") as handle:
-                for line in handle:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError, IndexError):
-        pass
-    return None
+    if not dims:
+        return 0
+    kept = sum(8 * 2 * n_models * d * d for d in dims)
+    working = max(8 * (4 * n_models + 24) * d * d for d in dims)
+    return kept + working
 
 
 def _check_memory(n_models: int, dims: Sequence[int], device: torch.device) -> None:
-    """Refuse, before any forward pass, statistics that cannot fit on ``device``."""
-    needed = _joint_bytes(n_models, dims)
-    available = _available_bytes(device)
-    if available is not None and needed > available:
+    """Refuse, before any forward pass, statistics and a solve that cannot fit on ``device``."""
+    statistics, solve = _joint_bytes(n_models, dims), _solve_bytes(n_models, dims)
+    available = available_bytes(device)
+    if available is not None and statistics + solve > available:
         raise MemoryError(
             f"ReferenceFreeMerger keeps the cross-covariances of all pairs of its {n_models} models: "
             f"{n_models * (n_models + 1) // 2} float64 matrices of d x d per feature space "
-            f"(widths up to {max(dims)}), {needed / 2**30:.2f} GiB in all, but only "
-            f"{available / 2**30:.2f} GiB are free on {device}. Merge fewer models at once "
+            f"(widths up to {max(dims)}), {statistics / 2**30:.2f} GiB, and its sweeps need "
+            f"{solve / 2**30:.2f} GiB more, but only {available / 2**30:.2f} GiB are available "
+            f"on {device} (free memory, ulimit -v and cgroup limits). Merge fewer models at once "
             "(e.g. hierarchically), or use ModelMerger, whose statistics grow linearly with the "
             "number of models.")
 
@@ -481,8 +478,10 @@ class ReferenceFreeMerger(ModelMerger):
     ``O(n_models^2 d^2)`` (:class:`JointCovariance`), where
     :class:`~skmerge.ModelMerger` keeps ``2 n_models - 1``, ``O(n_models
     d^2)``; each batch costs as many matrix products. ``fit`` estimates this
-    size first and raises a ``MemoryError`` that says so when it exceeds the
-    memory available on ``device``. A sweep costs about ``2 n_models + 3``
+    size first, with the working memory of the sweeps, and raises a
+    ``MemoryError`` that says so when it exceeds the memory available on
+    ``device`` (on the CPU the least of the free memory, ``ulimit -v`` and the
+    process's cgroup limit). A sweep costs about ``2 n_models + 3``
     products of ``d x d`` matrices and one fit of the aligner per model.
 
     Scale: the average of several models' aligned features has less variance

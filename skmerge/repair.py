@@ -35,8 +35,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._batches import as_loader, iter_inputs, split_batch
+from ._batches import as_loader, iter_inputs, loader_length, split_batch
 from ._distributed import all_reduce_sum_, is_distributed
+from ._modes import evaluation_mode
 from .graph import find_spaces
 
 __all__ = ["repair_", "RepairWarning"]
@@ -451,25 +452,21 @@ def repair_(
     example = _first_inputs(loader, device, dtype)
 
     merged_model.eval()
-    modes = [m.training for m in aligned_models]
     try:
-        for model in aligned_models:
-            model.eval()
-        if spaces is None:
-            spaces = find_spaces(merged_model, example)
-        points, skipped = _find_repair_points(merged_model, example, spaces)
-        if not points:
-            _warn_skipped(skipped)
-            return merged_model
+        with evaluation_mode(aligned_models):
+            if spaces is None:
+                spaces = find_spaces(merged_model, example)
+            points, skipped = _find_repair_points(merged_model, example, spaces)
+            if not points:
+                _warn_skipped(skipped)
+                return merged_model
 
-        repair_pass = _StreamingRepair(points, len(aligned_models), weights, eps, stats_device)
-        batches = tqdm(iter_inputs(loader, device, dtype), total=_length(loader), desc="REPAIR statistics",
-                       disable=not verbose, leave=False)
-        if repair_pass.run(merged_model, aligned_models, batches) == 0:
-            raise ValueError("REPAIR got empty data X.")
+            repair_pass = _StreamingRepair(points, len(aligned_models), weights, eps, stats_device)
+            batches = tqdm(iter_inputs(loader, device, dtype), total=loader_length(loader),
+                           desc="REPAIR statistics", disable=not verbose, leave=False)
+            if repair_pass.run(merged_model, aligned_models, batches) == 0:
+                raise ValueError("REPAIR got empty data X.")
     finally:
-        for model, mode in zip(aligned_models, modes):
-            model.train(mode)
         merged_model.eval()
     repair_pass.fold(merged_model, skipped)
     _warn_skipped(skipped)
@@ -577,13 +574,6 @@ def _first_inputs(loader, device, dtype) -> torch.Tensor:
         raise ValueError("REPAIR got empty data X.")
     inputs = inputs[:2]
     return inputs.to(device, dtype) if inputs.is_floating_point() else inputs.to(device)
-
-
-def _length(loader):
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 def _check_finite(mean, var, point: _Point, where: str) -> None:

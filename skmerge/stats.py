@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 __all__ = ["CrossCovariance", "ReferenceCovariance"]
@@ -67,12 +68,17 @@ def _checked_batch(data: Any, name: str, device: torch.device | None, grouped: b
     conversion to float64 happens when the batch is centered (one pass, one new
     tensor). Every other input comes back as a new float64 tensor.
     """
+    if sp.issparse(data) or (isinstance(data, torch.Tensor) and data.layout != torch.strided):
+        raise TypeError(f"{name} is sparse, but dense data is required; convert it with "
+                        "'.toarray()' (or '.to_dense()' for a torch tensor).")
     if isinstance(data, torch.Tensor):
         if device is not None and data.device != device:
             raise ValueError(
                 f"{name} is on device {data.device}, but the statistics (or the batch's other "
                 f"views) are on {device}; move the batch or call .to() on the statistics first."
             )
+        if data.is_meta:
+            raise ValueError(f"{name} is on the meta device, which holds no values; pass real data.")
         if data.is_complex():
             raise ValueError(f"{name} is complex; only real-valued data is supported.")
         tensor = data.detach()
@@ -197,8 +203,24 @@ def _centered(tensor: torch.Tensor, mean: torch.Tensor, precision: str) -> torch
 
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum over samples of a_s b_s^T`` for centered (n, p) and (n, q) matrices, in float64."""
-    return (a.T @ b).to(torch.float64)
+    """``sum over samples of a_s b_s^T`` for centered (n, p) and (n, q) matrices, in float64.
+
+    Single-precision products overflow once the values pass ~1e19 (float32
+    holds up to 3.4e38); such a batch's products are then computed in float64
+    instead. Overflow in float64 too (values past ~1e154) is an error that
+    says what to do, not an infinite covariance that breaks the solve later.
+    """
+    product = a.T @ b
+    if product.dtype != torch.float64 and not bool(torch.isfinite(product).all()):
+        product = a.T.to(torch.float64) @ b.to(torch.float64)
+    product = product.to(torch.float64)
+    if not bool(torch.isfinite(product).all()):
+        scale = max(float(a.abs().max()), float(b.abs().max()))
+        raise ValueError(
+            f"The products of centered activations of magnitude up to {scale:.3g} overflow even "
+            "in float64; rescale the input data (or the weights) so that activations stay "
+            "far below 1e150.")
+    return product
 
 
 def _feature_index(features, n_features: int, device) -> torch.Tensor:

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ._modes import evaluation_mode
+
 __all__ = [
     "train_model",
     "train_models",
@@ -395,16 +397,13 @@ def _logits_and_labels(model: nn.Module, data: Any, batch_size: int,
                        device: str | torch.device | None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     dev = _resolve_device(model, device)
-    was_training = model.training
-    model.to(dev).eval()
-    try:
+    model.to(dev)
+    with evaluation_mode([model]):
         outs, labels = [], []
         for xb, yb in _batches(data, batch_size):
             outs.append(model(xb.to(dev)).float().cpu())
             if yb is not None:
                 labels.append(yb.cpu())
-    finally:
-        model.train(was_training)
     logits = torch.cat(outs) if outs else torch.empty(0)
     return logits, (torch.cat(labels).long() if labels else None)
 
@@ -536,7 +535,9 @@ def save_checkpoint(model: nn.Module | dict[str, torch.Tensor], path: str | os.P
     models built by :func:`skmerge.models.get_model`, ``metadata`` gets an
     ``"architecture"`` entry (``{"name", "kwargs"}``) unless one is given,
     which :func:`load_model` uses to rebuild the model. The file is written
-    atomically (temporary file, then rename).
+    atomically (a temporary file in the same folder, then renamed over
+    ``path``), so an interrupted write leaves any previous file intact and no
+    partial one; it gets the permissions of the umask, like any new file.
 
     Parameters
     ----------
@@ -576,6 +577,9 @@ def save_checkpoint(model: nn.Module | dict[str, torch.Tensor], path: str | os.P
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; a checkpoint gets the mode any other
+        # new file would (0666 less the umask).
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
         os.replace(tmp, path)
@@ -584,6 +588,20 @@ def save_checkpoint(model: nn.Module | dict[str, torch.Tensor], path: str | os.P
             os.remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,

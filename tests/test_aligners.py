@@ -67,6 +67,21 @@ def _reference_cca(X, y, r):
     return inv_xx @ u @ vt @ root_yy, inv_yy @ vt.T @ u.T @ root_xx, s
 
 
+def _variate_correlations(X, y, r):
+    """Pearson correlation, on the data, of each pair of canonical variates X P_x[:, k], y P_y[:, k]."""
+    p = X.shape[1]
+    full = np.cov(X.T, y.T)
+
+    def inv_root(s):
+        s = (1 - r) * s + r * np.trace(s) / len(s) * np.eye(len(s))
+        return np.linalg.inv(np.real(scipy.linalg.sqrtm(s)))
+
+    inv_xx, inv_yy = inv_root(full[:p, :p]), inv_root(full[p:, p:])
+    u, s, vt = np.linalg.svd(inv_xx @ full[:p, p:] @ inv_yy, full_matrices=False)
+    a, b = X @ (inv_xx @ u), y @ (inv_yy @ vt.T)
+    return np.array([np.corrcoef(a[:, k], b[:, k])[0, 1] for k in range(len(s))]), s
+
+
 def _to_np(a):
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
@@ -167,8 +182,30 @@ def test_cca_agrees_with_reference_implementation(d, n, r):
     scale = np.abs(mapping).max()
     np.testing.assert_allclose(aligner.mapping_, mapping, atol=1e-7 * scale)
     np.testing.assert_allclose(aligner.inverse_mapping_, inverse, atol=1e-7 * np.abs(inverse).max())
-    np.testing.assert_allclose(aligner.canonical_correlations_, np.clip(correlations, 0, 1), atol=1e-8)
-    assert np.all(np.diff(aligner.canonical_correlations_) <= 1e-12)  # descending
+    np.testing.assert_allclose(aligner.canonical_correlations_, _variate_correlations(X, y, r)[0], atol=1e-8)
+    if r == 0:
+        np.testing.assert_allclose(aligner.canonical_correlations_, correlations, atol=1e-8)
+        assert np.all(np.diff(aligner.canonical_correlations_) <= 1e-12)  # descending
+
+
+@pytest.mark.parametrize("r", [0.0, 0.3])
+def test_canonical_correlations_are_those_of_the_variates_on_the_data(r):
+    # Few noisy samples per feature: the shrunk problem's singular values pass 1.
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(60, 12)) @ rng.normal(size=(12, 12))
+    y = X[:, ::-1] @ rng.normal(size=(12, 12)) + 3.0 * rng.normal(size=(60, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallSampleWarning)
+        aligner = CCAAligner(regularization=r).fit(X, y)
+    expected, singular_values = _variate_correlations(X, y, r)
+    np.testing.assert_allclose(aligner.canonical_correlations_, expected, rtol=1e-10, atol=1e-12)
+    if r == 0:
+        np.testing.assert_allclose(aligner.canonical_correlations_, singular_values, rtol=1e-10)
+    else:
+        assert singular_values[0] > 1  # what the attribute reported, clamped to 1.0, before
+        assert np.all(aligner.canonical_correlations_ < 1)
+    torch_fit = CCAAligner(regularization=r).fit(torch.from_numpy(X), torch.from_numpy(y))
+    np.testing.assert_allclose(_to_np(torch_fit.canonical_correlations_), expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("d, n", [(5, 60), (200, 1000)])
@@ -662,3 +699,18 @@ def test_cca_factors_the_shared_reference_once_and_never_serves_stale_roots(monk
     refit = CCAAligner().fit_from_stats(stats.pair(1))
     direct = CCAAligner().fit(np.vstack([views[1], more[1]]), np.vstack([views[0], more[0]]))
     np.testing.assert_allclose(refit.mapping_.numpy(), direct.mapping_, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", ALIGNERS)
+def test_sparse_y_and_meta_tensors_are_named(cls):
+    import scipy.sparse
+
+    X, y, _ = _linear_data()
+    for sparse in (scipy.sparse.csr_matrix(y), torch.from_numpy(y).to_sparse()):
+        with pytest.raises(TypeError, match="Sparse data was passed for y, but dense data is required"):
+            cls().fit(X, sparse)
+        with pytest.raises(TypeError, match="Sparse data was passed for y"):
+            cls().partial_fit(torch.from_numpy(X), sparse)
+    meta = torch.empty(X.shape, device="meta")
+    with pytest.raises(ValueError, match="X is on the meta device"):
+        cls().fit(meta, meta)

@@ -256,6 +256,9 @@ def odd_checkpoints(tmp_path_factory):
                               num_classes=10), root / "cifar_mlp.pt")
     (root / "garbage.pt").write_bytes(b"this is not a checkpoint")
     (root / "empty").mkdir()
+    # Metadata asking for 10^6 x 10^6 hidden layers: 4 TB of float32 weights.
+    save_checkpoint(get_model("mlp", hidden=(32, 32), **DIGITS), root / "huge_hidden.pt",
+                    architecture={"name": "mlp", "kwargs": dict(hidden=[10**6, 10**6], **DIGITS)})
     return root
 
 
@@ -266,7 +269,7 @@ ERROR_CASES = {
     "garbage checkpoint": (["evaluate", "{odd}/garbage.pt", "--dataset", "digits"],
                            "not a checkpoint"),
     "different shapes": (["merge", "{a}", "{odd}/narrow.pt", "--dataset", "digits",
-                          "--out", "{tmp}/m.pt"], "different shapes"),
+                          "--out", "{tmp}/m.pt"], "has shape (16, 64)"),
     "different architectures": (["merge", "{a}", "{odd}/vgg.pt", "--dataset", "digits",
                                  "--out", "{tmp}/m.pt"], "different architectures"),
     "unknown architecture": (["evaluate", "{odd}/unknown_arch.pt", "--dataset", "digits"],
@@ -307,6 +310,22 @@ ERROR_CASES = {
     "no command": ([], "missing command"),
     "unknown command": (["mergee"], "invalid choice"),
     "missing required option": (["merge", "{a}", "{b}", "--dataset", "digits"], "--out"),
+    "meta device": (["evaluate", "{a}", "--dataset", "digits", "--device", "meta"],
+                    "meta device"),
+    "unknown device": (["evaluate", "{a}", "--dataset", "digits", "--device", "gpu"],
+                       "not a torch device"),
+    "out is an input": (["merge", "{a}", "{b}", "--dataset", "digits", "--out", "{b}"],
+                        "is one of the input checkpoints"),
+    "negative weights": (["merge", "{a}", "{b}", "--dataset", "digits", "--weights", "-1,2",
+                          "--out", "{tmp}/m.pt"], "weights must be non-negative"),
+    "negative width": (["train", "--model", "mlp", "--dataset", "digits", "--width", "-1e3",
+                        "--out", "{tmp}"], "must be a positive number"),
+    "huge width": (["train", "--model", "mlp", "--dataset", "digits", "--width", "1e9",
+                    "--out", "{tmp}"], "parameters"),
+    "huge hidden sizes in metadata": (["evaluate", "{odd}/huge_hidden.pt", "--dataset", "digits"],
+                                      "parameters"),
+    "train out below a file": (["train", "--model", "mlp", "--dataset", "digits",
+                                "--out", "{a}/runs"], "not a folder"),
 }
 
 
@@ -321,6 +340,40 @@ def test_errors(case, capsys, trained, odd_checkpoints, tmp_path):
     assert err.startswith("skmerge: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     assert expected in err
+
+
+def test_out_is_checked_before_any_work(capsys, trained, tmp_path, monkeypatch):
+    import skmerge.training
+
+    started = []
+    monkeypatch.setattr(skmerge.training, "train_models", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(ModelMerger, "fit", lambda *a, **k: started.append(1))
+    a, b = sorted(map(str, trained.glob("*.pt")))
+    before = Path(b).read_bytes()
+    for out in (b, str(Path(b).parent / "." / Path(b).name)):
+        code, _, err = run(capsys, "merge", a, b, "--dataset", "digits", "--out", out, *FAST)
+        assert code == 2 and "is one of the input checkpoints" in err
+    assert Path(b).read_bytes() == before
+    code, _, err = run(capsys, "train", "--model", "mlp", "--dataset", "digits", "--out",
+                       Path(a) / "runs", *FAST)
+    assert code == 2 and "not a folder" in err
+    code, _, err = run(capsys, "train", "--model", "mlp", "--dataset", "digits", "--out",
+                       a, *FAST)
+    assert code == 2 and "not a folder" in err
+    assert not started
+
+
+def test_checkpoints_follow_the_umask(capsys, trained, tmp_path):
+    a, b = sorted(map(str, trained.glob("*.pt")))
+    previous = os.umask(0o027)
+    try:
+        code, _, _ = run(capsys, "merge", a, b, "--dataset", "digits", "--n-align", 200,
+                         "--out", tmp_path / "m.pt", *FAST)
+    finally:
+        os.umask(previous)
+    assert code == 0
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o640
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -205,6 +205,77 @@ def test_cifar100_fine_and_coarse(tmp_path, no_env, monkeypatch):
         load_cifar100("test", label="super")
 
 
+class _WritesMarker:
+    """Unpickling this object runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _write_genuine_cifar(folder: Path, protocol: int, n: int = 3) -> dict:
+    """The layout of the real files: bytes keys, a uint8 array, lists of ints and of bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(protocol)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": f"{name} of 6".encode(),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)],
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+        batches[name] = batch
+    return batches
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_load(tmp_path, no_env, protocol):
+    batches = _write_genuine_cifar(tmp_path, protocol)
+    x, y = load_cifar10("test", root=tmp_path, normalize=False).tensors
+    np.testing.assert_array_equal(y.numpy(), batches["test_batch"][b"labels"])
+    np.testing.assert_allclose(x.numpy().reshape(3, -1) * 255, batches["test_batch"][b"data"], atol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["data", "labels", "top"])
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path, no_env, where):
+    make_cifar(tmp_path)
+    marker = tmp_path / "marker"
+    evil = _WritesMarker(marker)
+    if where == "top":
+        crafted = evil
+    else:
+        crafted = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}
+        crafted[where.encode()] = evil
+    with open(tmp_path / "data_batch_3", "wb") as f:
+        pickle.dump(crafted, f)
+    with pytest.raises(ValueError, match=r"data_batch_3 is not a CIFAR batch file that can be read "
+                                         r"safely: it refers to builtins\.exec"):
+        load_cifar10("train", root=tmp_path)
+    assert not marker.exists()
+    # The file really runs code when unpickled without restriction (what the loader did before).
+    with open(tmp_path / "data_batch_3", "rb") as f:
+        pickle.load(f, encoding="bytes")
+    assert marker.read_text() == "ran"
+
+
+def test_cifar_batch_of_another_layout_gets_a_clear_error(tmp_path, no_env):
+    make_cifar(tmp_path)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"images": np.zeros((2, 3072), np.uint8)}, f)
+    with pytest.raises(ValueError, match="no data, labels entry"):
+        load_cifar10("test", root=tmp_path)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump([1, 2], f)
+    with pytest.raises(ValueError, match="holds a list, not a dict"):
+        load_cifar10("test", root=tmp_path)
+    (tmp_path / "test_batch").write_bytes(b"\x80\x04truncated")
+    with pytest.raises(ValueError, match="can be read safely"):
+        load_cifar10("test", root=tmp_path)
+
+
 @pytest.mark.parametrize("name,env,folder", [
     ("cifar10", "SKMERGE_CIFAR10", "cifar-10-batches-py"),
     ("cifar100", "SKMERGE_CIFAR100", "cifar-100-python"),

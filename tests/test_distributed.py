@@ -4,9 +4,10 @@ The test launches two worker processes (this file run as a script, one per
 rank) that join a gloo process group on 127.0.0.1, each fit the same seeded
 models on their own shard of the data and save what they got. The parent
 compares that with one process fitting the full data (shard 0 ++ shard 1):
-statistics to ~1e-10 relative, merged weights to a tight tolerance, BatchNorm
-buffers too when the batches line up (batch_size = size of shard 0, so one
-process sees exactly the two batches the two ranks see).
+statistics to ~1e-10 relative, merged weights and the re-estimated BatchNorm
+buffers to a tight tolerance, also when the ranks cut their shards into other
+batches than the single process (the statistics and the BatchNorm sums do not
+depend on batches).
 
 Everything is bounded in time: ``init_process_group(timeout=...)``, a timeout
 on every process wait (the workers are killed on expiry) and a pytest-timeout
@@ -73,22 +74,24 @@ def _shard(data, rank):
 
 
 CASES = {
-    # name: (architecture, input offset, reset_bn)
-    "mlp": (MLP, 0.0, False),
-    "mlp_offset": (MLP, 1e3, False),
-    "vgg": (VGGBN, 0.0, False),
-    "vgg_reset_bn": (VGGBN, 0.0, True),
+    # name: (architecture, input offset, reset_bn, (batch size of the ranks, of one process))
+    "mlp": (MLP, 0.0, False, (SHARDS[0], SHARDS[0])),
+    "mlp_offset": (MLP, 1e3, False, (SHARDS[0], SHARDS[0])),
+    "vgg": (VGGBN, 0.0, False, (SHARDS[0], SHARDS[0])),
+    "vgg_reset_bn": (VGGBN, 0.0, True, (SHARDS[0], SHARDS[0])),
+    # ranks: batches of 32, 32, 32, 4 and 32, 28; one process: 3 batches of 50 and one of 10
+    "vgg_reset_bn_other_batches": (VGGBN, 0.0, True, (32, 50)),
 }
 
 
 def _fit_case(name, rank=None, device="cpu"):
     """Fit one case on the full data (``rank=None``) or on one rank's shard."""
-    arch, offset, reset_bn = CASES[name]
+    arch, offset, reset_bn, batch_sizes = CASES[name]
     data = _data(arch, offset)
     if rank is not None:
         data = _shard(data, rank)
     merger = ModelMerger(_models(arch), CCAAligner(), device=device, reset_bn=reset_bn,
-                         batch_size=SHARDS[0])
+                         batch_size=batch_sizes[rank is None])
     merger.fit(data)
     return {
         "statistics": merger.statistics_,
@@ -251,11 +254,14 @@ def _assert_statistics_equal(got, expected, rtol=1e-10):
 def test_statistics_equal_single_process(distributed, single, name):
     expected = single[name]["statistics"]
     assert sum(s.n_samples_ for s in expected) > 0
+    # Other batches: each batch's float32 products round differently (precision="single").
+    ranks_batch, single_batch = CASES[name][3]
+    rtol = 1e-10 if ranks_batch == single_batch else 1e-6
     for rank in range(WORLD):
         got = distributed[rank][name]["statistics"]
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
-            _assert_statistics_equal(g, e)
+            _assert_statistics_equal(g, e, rtol)
 
 
 @pytest.mark.timeout(300)
@@ -266,7 +272,9 @@ def test_merged_weights_equal_single_process(distributed, single, name):
     # Every rank built the identical model, bit for bit.
     for key in expected:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
-    tolerance = 1e-6  # observed: 0, or ~1e-8 with the 1e3 input offset
+    # Observed: 0, or ~1e-8 with the 1e3 input offset; with other batches the
+    # statistics' float32 products round differently: ~6e-6.
+    tolerance = 1e-6 if CASES[name][3][0] == CASES[name][3][1] else 2e-5
     for key, value in expected.items():
         got = ranks[0][key]
         assert got.dtype == value.dtype and got.shape == value.shape, key
@@ -277,17 +285,19 @@ def test_merged_weights_equal_single_process(distributed, single, name):
 
 
 @pytest.mark.timeout(300)
-def test_batchnorm_reestimation_reduced(distributed, single):
-    expected = single["vgg_reset_bn"]["state_dict"]
-    got = distributed[0]["vgg_reset_bn"]["state_dict"]
+@pytest.mark.parametrize("name", ["vgg_reset_bn", "vgg_reset_bn_other_batches"])
+def test_batchnorm_reestimation_reduced(distributed, single, name):
+    expected = single[name]["state_dict"]
+    got = distributed[0][name]["state_dict"]
     keys = [k for k in expected if "running_" in k or "num_batches_tracked" in k]
-    assert keys
+    assert len(keys) == 9
     for key in keys:
+        # Exact population statistics: float32 rounding of the activations and
+        # weights only, observed below 3e-6 (up to 1% with train-mode batches).
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
     # The BN buffers were re-estimated (not the averaged ones of reset_bn=False).
     no_reset = single["vgg"]["state_dict"]
     assert not torch.allclose(expected["features.1.running_mean"], no_reset["features.1.running_mean"])
-    assert int(got["features.1.num_batches_tracked"]) == len(SHARDS)
 
 
 @pytest.mark.timeout(300)

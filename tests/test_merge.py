@@ -232,7 +232,7 @@ def test_bad_inputs_raise_clear_errors():
     broken = copy.deepcopy(mlp)
     with torch.no_grad():
         next(broken.parameters()).fill_(float("nan"))
-    with pytest.raises(ValueError, match="Non-finite activations .* space 0"):
+    with pytest.raises(ValueError, match=r"models\[1\] has non-finite values .* 'layers.0.weight'"):
         ModelMerger([mlp, broken], device="cpu").fit(inputs)
     with pytest.raises(TypeError, match="fit_from_stats"):
         ModelMerger([mlp, mlp], aligner=object()).fit(inputs)
@@ -360,3 +360,121 @@ def test_precision_follows_the_models_and_single_matches_double():
     assert {s.precision for s in merger.statistics_} == {"single"}
     with pytest.raises(ValueError, match="precision must be"):
         ModelMerger(models, device="cpu", precision="float16").fit(inputs)
+
+
+# ------------------------------------------- input models: modes, values, layout
+def test_every_submodule_training_flag_is_restored():
+    models = [_archs.make_model("vgg", seed=s) for s in range(2)]
+    # A training model with a frozen BatchNorm, and an evaluation model with one training Dropout.
+    models[0].train()
+    models[0].features[1].eval()
+    models[1].classifier[2].train()
+    flags = [{name: m.training for name, m in model.named_modules()} for model in models]
+    ModelMerger(models, CCAAligner(), device="cpu").fit(_archs.inputs("vgg", 64))
+    for before, model in zip(flags, models):
+        assert {name: m.training for name, m in model.named_modules()} == before
+    assert models[0].training and not models[0].features[1].training
+    assert not models[1].training and models[1].classifier[2].training
+
+
+@pytest.mark.parametrize("where", ["parameter", "buffer"])
+def test_non_finite_weights_are_refused_before_any_work(where):
+    models = [_archs.make_model("vgg", seed=s) for s in range(3)]
+    # Values that no statistic observes: the last layer's weight, a running variance.
+    name = "classifier.3.weight" if where == "parameter" else "features.5.running_var"
+    with torch.no_grad():
+        tensor = dict(models[2].named_parameters(), **dict(models[2].named_buffers()))[name]
+        tensor.view(-1)[3] = float("nan") if where == "parameter" else float("inf")
+    calls = []
+    for model in models:
+        model.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=rf"models\[2\] has non-finite values \(NaN or inf\) in "
+                                         rf"{where} '{name.replace('.', '[.]')}'"):
+        ModelMerger(models, CCAAligner(), device="cpu").fit(_archs.inputs("vgg", 64))
+    assert not calls  # refused before any forward pass
+
+
+def test_models_of_different_dtypes_are_refused_naming_the_tensor():
+    mlp = _archs.make_model("mlp", seed=0, dtype=torch.float32)
+    double = _archs.make_model("mlp", seed=1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layers\.0\.weight has dtype torch\.float64 in models\[1\] but torch\.float32"):
+        ModelMerger([mlp, double], device="cpu").fit(_archs.inputs("mlp", 20, dtype=torch.float32))
+    mixed = _archs.make_model("mlp", seed=2, dtype=torch.float32)
+    mixed.layers[4].double()
+    with pytest.raises(ValueError, match=r"models\[1\].*layers\.4\.weight.*float64"):
+        ModelMerger([mlp, mixed], device="cpu").fit(_archs.inputs("mlp", 20, dtype=torch.float32))
+
+
+def test_models_on_several_devices_or_meta_are_refused_naming_the_tensor():
+    mlp = _archs.make_model("mlp", seed=0)
+    meta = _archs.make_model("mlp", seed=1).to("meta")
+    with pytest.raises(ValueError, match=r"models\[1\].*layers\.0\.weight.*meta device"):
+        ModelMerger([mlp, meta], device="cpu").fit(_archs.inputs("mlp", 20))
+    split = _archs.make_model("mlp", seed=2)
+    split.layers[2].to("meta")
+    with pytest.raises(ValueError, match=r"models\[1\].*layers\.2\.weight.*meta"):
+        ModelMerger([mlp, split], device="cpu").fit(_archs.inputs("mlp", 20))
+    with pytest.raises(ValueError, match="meta"):
+        ModelMerger([mlp, mlp], device="meta").fit(_archs.inputs("mlp", 20))
+    with pytest.raises(ValueError, match="meta"):
+        ModelMerger([mlp, mlp], device="cpu").fit(_archs.inputs("mlp", 20).to("meta"))
+
+
+def test_activations_near_1e20_in_float32_merge_like_double_precision():
+    models = [_archs.make_model("mlp", seed=s, dtype=torch.float32) for s in range(2)]
+    inputs = 1e20 * _archs.inputs("mlp", 200, dtype=torch.float32)
+    auto = ModelMerger(models, CCAAligner(), device="cpu").fit(inputs)  # single-precision products
+    double = ModelMerger(models, CCAAligner(), device="cpu", precision="double").fit(inputs)
+    for key, value in double.merged_model_.state_dict().items():
+        torch.testing.assert_close(auto.merged_model_.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_labels_are_named():
+    import scipy.sparse
+
+    models = [_archs.make_model("mlp", seed=s) for s in range(2)]
+    inputs = _archs.inputs("mlp", 64)
+    merger = ModelMerger(models, PermutationAligner(), device="cpu").fit(inputs)
+    with pytest.raises(TypeError, match="y is sparse, but labels must be a dense"):
+        merger.score(inputs, scipy.sparse.csr_matrix(np.ones((64, 1))))
+
+
+def _factory(hidden=8, activation=nn.ReLU):
+    """Builds its class anew at every call, as notebooks and some libraries do."""
+
+    class V(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(6, hidden)
+            self.act = activation()
+            self.fc2 = nn.Linear(hidden, 3)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    return V()
+
+
+def test_models_of_one_factory_class_are_merged():
+    torch.manual_seed(0)
+    a, b = _factory(), _factory()
+    assert type(a) is not type(b) and type(a).__qualname__ == type(b).__qualname__
+    inputs = torch.randn(64, 6)
+    merger = ModelMerger([a, b], PermutationAligner(), device="cpu").fit(inputs)
+    permuted, _ = permute_model(a, inputs[:2], seed=1)
+    exact = ModelMerger([a, permuted], PermutationAligner(), device="cpu").fit(inputs)
+    torch.testing.assert_close(_archs.outputs(exact.merged_model_, inputs), _archs.outputs(a, inputs))
+    assert merger.merged_model_.state_dict().keys() == a.state_dict().keys()
+
+
+def test_different_architectures_say_how_they_differ():
+    torch.manual_seed(0)
+    inputs = torch.randn(20, 6)
+    with pytest.raises(ValueError, match=r"'act' is a torch\.nn\.[\w.]*Tanh in models\[1\] but a [\w.]*ReLU in models\[0\]"):
+        ModelMerger([_factory(), _factory(activation=nn.Tanh)], device="cpu").fit(inputs)
+    with pytest.raises(ValueError, match=r"models\[1\].*fc1\.weight.*\(9, 6\).*\(8, 6\)"):
+        ModelMerger([_factory(), _factory(hidden=9)], device="cpu").fit(inputs)
+    extra = _factory()
+    extra.register_buffer("scale", torch.ones(3))
+    with pytest.raises(ValueError, match=r"models\[1\].*extra.*'scale'"):
+        ModelMerger([_factory(), extra], device="cpu").fit(inputs)

@@ -319,6 +319,79 @@ def test_bad_parameters_raise_clear_errors(params, match):
         ReferenceFreeMerger(models, **{"device": "cpu", **params}).fit(_archs.inputs("mlp", 32))
 
 
+def _fake_kernel(tmp_path, monkeypatch, meminfo_kib=64 * 2**20, vm_kib=2**20, cgroup=None,
+                 rlimit=None):
+    """Point skmerge._memory at fake /proc and /sys/fs/cgroup files; ``cgroup``: 'v1' or 'v2' limits."""
+    import resource
+
+    import skmerge._memory as memory
+
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {2 * meminfo_kib} kB\nMemAvailable:  {meminfo_kib} kB\n")
+    (proc / "self" / "status").write_text(f"Name: python\nVmSize:\t{vm_kib} kB\n")
+    lines = ["1:cpu:/"]
+    if cgroup is not None:
+        version, limits = cgroup  # limits: [(relative folder, limit, usage, inactive file cache)]
+        for folder, limit, usage, cache in limits:
+            group = root / ("memory" if version == "v1" else "") / folder
+            group.mkdir(parents=True, exist_ok=True)
+            if version == "v1":
+                (group / "memory.limit_in_bytes").write_text(f"{limit}\n")
+                (group / "memory.usage_in_bytes").write_text(f"{usage}\n")
+                (group / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {cache}\n")
+            else:
+                (group / "memory.max").write_text(f"{limit}\n")
+                (group / "memory.current").write_text(f"{usage}\n")
+                (group / "memory.stat").write_text(f"anon 1\ninactive_file {cache}\n")
+        leaf = max((f for f, *_ in limits), key=len)
+        lines.append(f"4:memory:/{leaf}" if version == "v1" else f"0::/{leaf}")
+    (proc / "self" / "cgroup").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(memory, "PROC", proc)
+    monkeypatch.setattr(memory, "CGROUP", root)
+    real = resource.getrlimit
+    soft = resource.RLIM_INFINITY if rlimit is None else rlimit
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, soft) if which == resource.RLIMIT_AS
+                        else real(which))
+    return memory
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("case, expected", [
+    (dict(), 64 * GIB),                                            # MemAvailable only
+    (dict(rlimit=5 * GIB, vm_kib=2**20), 4 * GIB),                 # ulimit -v minus VmSize
+    (dict(cgroup=("v2", [("", "max", 0, 0), ("job", 3 * GIB, 2 * GIB, GIB)])), 2 * GIB),
+    (dict(cgroup=("v2", [("", GIB, GIB // 2, 0), ("job", "max", 0, 0)])), GIB // 2),  # the parent's
+    (dict(cgroup=("v1", [("", 2**63 - 4096, 0, 0), ("a/b", 6 * GIB, 5 * GIB, 0)])), GIB),
+])
+def test_available_memory_respects_ulimit_and_cgroups(tmp_path, monkeypatch, case, expected):
+    memory = _fake_kernel(tmp_path, monkeypatch, **case)
+    assert memory.available_bytes("cpu") == expected
+
+
+def test_memory_check_counts_the_solve_and_reads_the_limits(tmp_path, monkeypatch):
+    models = [_make("mlp", seed) for seed in range(3)]
+    inputs = _archs.inputs("mlp", 64)
+    dims = [s.dim for s in find_spaces(models[0], inputs[:2])]
+    statistics = reference_free._joint_bytes(3, dims)
+    solve = reference_free._solve_bytes(3, dims)
+    # The sweeps: every model's mapping and inverse per space, and one space's working set.
+    assert solve == sum(8 * 6 * d * d for d in dims) + max(8 * 36 * d * d for d in dims)
+    # Room for the statistics but not for the sweeps, under a cgroup limit and under ulimit -v.
+    room = statistics + solve // 2
+    for case in (dict(cgroup=("v2", [("job", 10 * GIB + room, 10 * GIB, 0)])),
+                 dict(cgroup=("v1", [("job", 10 * GIB + room, 10 * GIB + 4096, 4096)])),
+                 dict(rlimit=GIB + room, vm_kib=2**20)):
+        _fake_kernel(tmp_path / str(len(list(tmp_path.iterdir()))), monkeypatch, **case)
+        with pytest.raises(MemoryError, match="sweeps need"):
+            ReferenceFreeMerger(models, device="cpu").fit(inputs)
+        monkeypatch.undo()
+    _fake_kernel(tmp_path / "enough", monkeypatch, rlimit=GIB + statistics + solve, vm_kib=2**20)
+    assert ReferenceFreeMerger(models, PermutationAligner(), device="cpu").fit(inputs).n_iter_ >= 1
+
+
 def test_other_errors_and_edge_cases(monkeypatch):
     models = [_make("mlp", seed) for seed in range(3)]
     inputs = _archs.inputs("mlp", 64)
@@ -329,7 +402,7 @@ def test_other_errors_and_edge_cases(monkeypatch):
     with pytest.raises(TypeError, match="fit_from_stats"):
         ReferenceFreeMerger(models, aligner=object(), device="cpu").fit(inputs)
     # statistics that cannot fit in memory are refused before any forward pass, with the reason
-    monkeypatch.setattr(reference_free, "_available_bytes", lambda device: 1000)
+    monkeypatch.setattr(reference_free, "available_bytes", lambda device: 1000)
     with pytest.raises(MemoryError, match="all pairs of its 3 models"):
         ReferenceFreeMerger(models, device="cpu").fit(inputs)
     monkeypatch.undo()

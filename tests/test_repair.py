@@ -282,6 +282,10 @@ def test_repair_function_leaves_the_aligned_models_alone():
     result = repair_(merged, aligned, [1, 3], inputs, batch_size=16)
     assert result is merged and not merged.training
     assert [m.training for m in aligned] == [True, False]
+    # Every submodule's flag, not only the top one's.
+    aligned[0].layers[1].eval()
+    repair_(copy.deepcopy(aligned[1]), aligned, [1, 3], inputs, batch_size=16)
+    assert aligned[0].training and not aligned[0].layers[1].training and aligned[0].layers[0].training
     for state, model in zip(before, aligned):
         assert all(torch.equal(state[key], model.state_dict()[key]) for key in state)
     # No hook is left behind.

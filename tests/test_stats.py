@@ -288,6 +288,35 @@ def test_single_precision_products_agree_with_double():
     assert not torch.equal(single.covariance_xx(), double.covariance_xx())
 
 
+def test_single_precision_falls_back_to_double_when_products_overflow():
+    # Values near 1e20 fit in float32 (up to 3.4e38), their products do not.
+    rng = np.random.default_rng(0)
+    X = (1e20 * rng.normal(size=(200, 5))).astype(np.float32)
+    Y = (X[:, :3] * 2 + 1e19 * rng.normal(size=(200, 3))).astype(np.float32)
+    single = CrossCovariance(precision="single").update(torch.from_numpy(X), torch.from_numpy(Y))
+    exact = np.cov(X.astype(np.float64).T, Y.astype(np.float64).T)
+    for got, want in ((single.covariance_xx(), exact[:5, :5]), (single.covariance_xy(), exact[:5, 5:])):
+        assert torch.isfinite(got).all()
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6 * np.abs(exact).max())
+    # Beyond float64's range too: an error that says what to do.
+    huge = torch.full((4, 2), 1e200, dtype=torch.float64) * torch.tensor([[1.0], [-1.0], [2.0], [0.5]],
+                                                                          dtype=torch.float64)
+    with pytest.raises(ValueError, match="overflow even in float64; rescale"):
+        CrossCovariance().update(huge, huge)
+
+
+def test_sparse_and_meta_inputs_are_named():
+    import scipy.sparse
+
+    dense = np.ones((4, 2))
+    with pytest.raises(TypeError, match="Y is sparse.*toarray"):
+        CrossCovariance().update(dense, scipy.sparse.csr_matrix(dense))
+    with pytest.raises(TypeError, match="X is sparse.*to_dense"):
+        CrossCovariance().update(torch.ones(4, 2).to_sparse(), dense)
+    with pytest.raises(ValueError, match="X is on the meta device"):
+        CrossCovariance().update(torch.ones(4, 2, device="meta"), torch.ones(4, 2, device="meta"))
+
+
 def test_precision_is_validated_kept_by_pairs_and_pickles():
     with pytest.raises(ValueError, match="precision must be"):
         CrossCovariance(precision="half")

@@ -1,5 +1,8 @@
 """Tests of skmerge.training: recipes, determinism, evaluation, checkpoints."""
 
+import copy
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +205,15 @@ def two_models(small):
             for s in (0, 1)]
 
 
+def test_evaluation_restores_every_submodule_flag(two_models, digits):
+    model = copy.deepcopy(two_models[0]).train()
+    frozen = [m for m in model.modules() if m is not model][0]
+    frozen.eval()
+    evaluate(model, digits[1])
+    assert model.training and not frozen.training
+    assert all(m.training for m in model.modules() if m is not frozen)
+
+
 def test_evaluate_matches_manual(two_models, digits):
     test = digits[1]
     model = two_models[0]
@@ -275,6 +287,31 @@ def test_checkpoint_round_trip_weights_only(tmp_path, two_models):
     assert _same_state(rebuilt, model) and not rebuilt.training
     assert meta3["epochs"] == 2
     assert not list(tmp_path.glob("sub/*.tmp"))  # atomic write leaves nothing
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_mode_follows_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(nn.Linear(3, 2), tmp_path / "m.pt")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = save_checkpoint(nn.Linear(3, 2), tmp_path / "m.pt", note="old")
+    before = path.read_bytes()
+
+    def interrupted(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(nn.Linear(3, 2), path, note="new")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
 
 def test_checkpoint_plain_state_dicts_and_errors(tmp_path):

@@ -29,6 +29,7 @@ import numbers
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
@@ -85,6 +86,11 @@ def _check_tensor(
     Messages follow scikit-learn's so users see one style of error.
     """
     cls = type(estimator).__name__
+    if data.is_meta:
+        raise ValueError(f"{name} is on the meta device, which holds no values; pass real data.")
+    if data.layout != torch.strided:
+        raise TypeError(f"Sparse data was passed for {name}, but dense data is required. Use "
+                        "'.to_dense()' to convert it.")
     if data.is_complex():
         raise ValueError(f"Complex data not supported: {name} is a complex tensor.")
     if data.ndim == 1 and allow_1d:
@@ -164,6 +170,10 @@ class BaseAligner(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
                 f"This {type(self).__name__} estimator requires y to be passed, but the "
                 "target y is None. y holds the reference model's activations."
             )
+        if sp.issparse(y) or (_is_tensor(y) and y.layout != torch.strided):
+            # scikit-learn's message for a sparse X; its validation would accept a sparse y.
+            raise TypeError("Sparse data was passed for y, but dense data is required. Use "
+                            "'.toarray()' (or '.to_dense()' for a torch tensor) to convert it.")
         if not _is_tensor(X):
             X, y = validate_data(
                 self, X, _to_numpy(y), reset=reset, multi_output=True, y_numeric=True,

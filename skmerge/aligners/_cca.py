@@ -146,8 +146,14 @@ class CCAAligner(BaseAligner):
         ``mapping_`` when ``p == q`` and both covariances have full rank,
         otherwise the rank-``min(p, q)`` pseudo-inverse ``P_y P_x^+``.
     canonical_correlations_ : ndarray or torch.Tensor of shape (min(p, q),)
-        Canonical correlations of the (regularized) problem, descending, in
-        [0, 1].
+        Correlation on the fitted data of each pair of canonical variates,
+        ``corr(X P_x[:, k], y P_y[:, k])`` with ``P_x = S_xx^-1/2 U`` and
+        ``P_y = S_yy^-1/2 V`` (shrunk covariances), computed from the
+        statistics, in [0, 1]. Without regularization these are the singular
+        values ``s``, descending. With regularization they are in the order
+        of the regularized directions (decreasing ``s``), not necessarily
+        descending; ``s`` itself then measures the shrunk problem and can
+        exceed 1.
     regularization_ : tuple of float
         Shrinkage actually used on the ``X`` side and on the ``y`` side.
     n_features_in_ : int
@@ -217,7 +223,24 @@ class CCAAligner(BaseAligner):
         return {
             "mapping_": whiten_x @ rotation @ color_y,
             "inverse_mapping_": whiten_y @ rotation.T @ color_x,
-            # Rounding can push perfect correlations a hair above 1.
-            "canonical_correlations_": s.clamp(0.0, 1.0),
+            "canonical_correlations_": _variate_correlations(whiten_x @ u, whiten_y @ vh.T, s, s_xx, s_yy),
             "regularization_": (float(r_x), float(r_y)),
         }
+
+
+def _variate_correlations(p_x: torch.Tensor, p_y: torch.Tensor, s: torch.Tensor,
+                          s_xx: torch.Tensor, s_yy: torch.Tensor) -> torch.Tensor:
+    """``corr(X P_x[:, k], y P_y[:, k])`` on the fitted data, from the (unshrunk) covariances.
+
+    The covariance of the two variates is ``s[k]`` (the SVD of the whitened
+    cross-covariance); their variances are 1 without shrinkage, so the
+    correlations are then the singular values. With shrinkage the singular
+    values can exceed 1 and say little; these stay in [0, 1]. A variate of
+    zero variance (a dead direction) has correlation 0.
+    """
+    var_x = ((s_xx @ p_x) * p_x).sum(0)
+    var_y = ((s_yy @ p_y) * p_y).sum(0)
+    scale = (var_x * var_y).sqrt()
+    tiny = torch.finfo(s.dtype).tiny
+    correlations = torch.where(scale > tiny, s / scale.clamp_min(tiny), torch.zeros_like(s))
+    return correlations.clamp(0.0, 1.0)  # rounding can push a perfect correlation a hair above 1
