@@ -5,13 +5,22 @@ the running statistics copied from the base models no longer describe them;
 re-estimating them on data restores most of the accuracy (the default of CCA
 Merge, ZipIt! and REPAIR-style pipelines).
 
-The statistics computed here are exact population statistics: each layer gets
-the mean and the (unbiased) variance, over all the samples and positions of
-the data, of the inputs it receives in evaluation mode, i.e. when the layers
+The statistics computed here are population statistics: each layer gets the
+mean and the (unbiased) variance, over all the samples and positions of the
+data, of the inputs it receives in evaluation mode, i.e. when the layers
 before it normalize with their own new statistics, as the model will at
-inference. They are accumulated as float64 per-channel sums, so they do not
-depend on how the data is cut into batches (a batch of one sample is fine) or
-into ``torch.distributed`` shards (the sums are all-reduced).
+inference. They are accumulated as float64 per-channel sums (all-reduced
+under ``torch.distributed``), so a batch of one sample is fine.
+
+Two passes by default: the first normalizes every layer with its batch's
+statistics, as training mode does, and estimates all layers at once; the
+second measures every layer in evaluation mode with the layers before it
+using those estimates. ``exact=True`` measures the layers one after the
+other instead (about ``(L + 1) / 2`` forward passes for ``L`` layers): the
+result is then exactly the fixed point, independent of the batches and of the
+shards to the last float rounding; the two-pass result differs from it by
+what one pass of batch normalization upstream changes (measured on the
+benchmarks page).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ def reset_bn_stats(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     verbose: bool = False,
+    exact: bool = False,
 ) -> nn.Module:
     """Recompute the running mean and variance of every BatchNorm layer, in place.
 
@@ -59,10 +69,14 @@ def reset_bn_stats(
     plays no role, and ``num_batches_tracked`` is left as it is (it counts
     training batches; the result does not depend on batches).
 
-    A layer's input depends on the statistics of the layers before it, so the
-    layers are measured one after the other, in the order of the forward
-    pass, with one pass over ``X`` each that stops at the measured layer
-    (about ``(L + 1) / 2`` full forward passes for ``L`` layers in a chain).
+    A layer's input depends on the statistics of the layers before it. By
+    default two passes over ``X`` estimate them (the first with batch
+    statistics upstream, as in training mode; the second in evaluation mode,
+    every layer measured at once given the first pass's estimates).
+    ``exact=True`` measures the layers one after the other, in the order of
+    the forward pass, with one pass over ``X`` each that stops at the
+    measured layer (about ``(L + 1) / 2`` full forward passes for ``L``
+    layers in a chain), which makes the result independent of the batches.
     The per-channel sums of ``x`` and ``x^2`` (about the previous running mean,
     for accuracy) are float64, so the result does not depend on the batch
     sizes, and under ``torch.distributed`` the sums are all-reduced: every
@@ -83,6 +97,9 @@ def reset_bn_stats(
         Device of the forward passes; the model's device by default.
     verbose : bool, default=False
         Show a progress bar.
+    exact : bool, default=False
+        Measure the layers one after the other (the exact evaluation-mode
+        statistics, ``(L + 1) / 2`` passes) instead of in two passes.
 
     Returns
     -------
@@ -112,11 +129,16 @@ def reset_bn_stats(
     if order is None:
         raise ValueError("Cannot re-estimate BatchNorm statistics on empty data.")
     n_batches = loader_length(loader)
-    progress = tqdm(total=None if n_batches is None else n_batches * len(order),
+    passes = len(order) if exact else 2
+    progress = tqdm(total=None if n_batches is None else n_batches * passes,
                     desc="BatchNorm statistics", disable=not verbose, leave=False)
     try:
-        for layer in order:
-            _measure(model, layer, loader, device, dtype, progress)
+        if exact:
+            for layer in order:
+                _measure(model, [layer], loader, device, dtype, progress, stop=True)
+        else:
+            _measure(model, order, loader, device, dtype, progress, batch_statistics=True)
+            _measure(model, order, loader, device, dtype, progress)
     finally:
         progress.close()
         model.eval()
@@ -159,25 +181,65 @@ def _call_order(model: nn.Module, layers: list, inputs: torch.Tensor | None) -> 
     return [layers[i] for i in orders[0]] if orders else None
 
 
-def _measure(model: nn.Module, layer, loader, device, dtype, progress) -> None:
-    """One pass up to ``layer``: its exact statistics from float64 sums of its inputs."""
-    shift = layer.running_mean.detach().to(device=device, dtype=torch.float64)
-    channels = shift.numel()
-    sums = torch.zeros(2 * channels + 1, dtype=torch.float64, device=device)
+def _measure(model: nn.Module, layers: list, loader, device, dtype, progress, stop: bool = False,
+             batch_statistics: bool = False) -> None:
+    """One pass over the data: float64 sums of the inputs of ``layers``, then their statistics.
 
-    def hook(_module, args):
-        x = args[0].detach()
+    ``stop``: end each forward pass at the (single) measured layer.
+    ``batch_statistics``: normalize each batch with its own statistics as it
+    passes a layer (training mode's normalization, without touching the
+    running statistics); a batch with one value per channel is normalized
+    with the running statistics instead.
+    """
+    sums = {}
+    for layer in layers:
+        shift = layer.running_mean.detach().to(device=device, dtype=torch.float64)
+        sums[layer] = (shift, torch.zeros(2 * shift.numel() + 1, dtype=torch.float64, device=device))
+
+    def add(module, x, mean, var):
+        """Per-batch mean and biased variance (one fused kernel) into the float64 sums."""
+        shift, acc = sums[module]
+        channels = shift.numel()
+        n = x.numel() // channels
+        delta = mean.to(torch.float64) - shift
+        acc[:channels] += n * delta
+        acc[channels:2 * channels] += n * (var.to(torch.float64) + delta.square())
+        acc[-1] += n
+
+    def checked(module, x):
+        channels = sums[module][0].numel()
         if x.ndim < 2 or x.shape[1] != channels:
             raise ValueError(f"A BatchNorm layer of {channels} channels got an input of shape "
                              f"{tuple(x.shape)}.")
-        axes = [0] + list(range(2, x.ndim))
-        centered = x.to(torch.float64) - shift.view(1, -1, *([1] * (x.ndim - 2)))
-        sums[:channels] += centered.sum(axes)
-        sums[channels:2 * channels] += centered.square().sum(axes)
-        sums[-1] += x.numel() // channels
-        raise _Reached
+        return [0] + list(range(2, x.ndim))
 
-    handle = layer.register_forward_pre_hook(hook)
+    def stats(module, x):
+        """Batch mean and biased variance; BatchNorm's own kernel is the fastest reduction."""
+        axes = checked(module, x)
+        if x.numel() // x.shape[1] <= 1 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                            torch.float64):
+            var, mean = torch.var_mean(x, dim=axes, correction=0)
+            return None, mean, var
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, module.weight, module.bias, None, None, True, 0.0, module.eps)
+        return out, mean, (invstd.to(torch.float64).pow(-2) - module.eps).clamp_min(0.0)
+
+    def measure(module, args):
+        x = args[0].detach()
+        _, mean, var = stats(module, x)
+        add(module, x, mean, var)
+        if stop:
+            raise _Reached
+
+    def normalize(module, args, out):
+        x = args[0].detach()
+        normalized, mean, var = stats(module, x)
+        add(module, x, mean, var)
+        # without batch statistics (one value per channel) the running ones normalize
+        return out if normalized is None else normalized
+
+    handles = [layer.register_forward_hook(normalize) if batch_statistics
+               else layer.register_forward_pre_hook(measure) for layer in layers]
     try:
         for inputs in iter_inputs(loader, device, dtype):
             progress.update()
@@ -186,7 +248,15 @@ def _measure(model: nn.Module, layer, loader, device, dtype, progress) -> None:
             except _Reached:
                 continue
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    for layer in layers:
+        shift, acc = sums[layer]
+        _set_statistics(layer, shift, acc)
+
+
+def _set_statistics(layer, shift: torch.Tensor, sums: torch.Tensor) -> None:
+    channels = shift.numel()
     if is_distributed():
         from ._distributed import all_reduce_sum_
 

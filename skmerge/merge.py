@@ -69,11 +69,14 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     weights : array-like of shape (n_models,), optional
         Non-negative averaging weights (normalized to sum to one); uniform by
         default.
-    reset_bn : bool, default=True
+    reset_bn : bool or "exact", default=True
         Re-estimate the merged model's BatchNorm running statistics on the
         alignment data (averaged statistics do not describe the merged model):
-        exact population statistics, whatever the batch sizes
-        (:func:`skmerge.batchnorm.reset_bn_stats`).
+        population statistics in two passes over the data, whatever the batch
+        sizes (:func:`skmerge.batchnorm.reset_bn_stats`). ``"exact"`` measures
+        the layers one after the other (about half as many passes as there
+        are BatchNorm layers), which makes the statistics independent of how
+        batches and ``torch.distributed`` shards cut the data.
     repair : bool, default=False
         After averaging (and the BatchNorm reset), apply REPAIR (Jordan et al.,
         ICLR 2023; :func:`skmerge.repair.repair_`): rescale and shift every
@@ -158,7 +161,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         aligner=CCAAligner(),
         reference: int = 0,
         weights=None,
-        reset_bn: bool = True,
+        reset_bn: bool | str = True,
         repair: bool = False,
         batch_size: int = 128,
         device="auto",
@@ -296,7 +299,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
                     "knowingly.", UserWarning, stacklevel=3)
             else:
                 reset_bn_stats(merged_model, _reread(loader, "re-estimate the BatchNorm statistics"),
-                               device=self.device_, verbose=self._show_progress())
+                               device=self.device_, verbose=self._show_progress(),
+                               exact=self.reset_bn == "exact")
         self.timings_["reset_bn"] = time.perf_counter() - tick
         if repair:
             tick = time.perf_counter()
@@ -318,6 +322,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
 
     # Steps that other mergers (weight matching) replace.
     def _check_method_params(self) -> None:
+        if self.reset_bn not in (True, False, "exact"):
+            raise ValueError(f'reset_bn must be True, False or "exact", got {self.reset_bn!r}.')
         if self.precision not in ("auto", "single", "double"):
             raise ValueError(f"precision must be 'auto', 'single' or 'double', got {self.precision!r}.")
         if not hasattr(self.aligner, "fit_from_stats"):
@@ -554,7 +560,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         model = copy.deepcopy(self.merged_model_)
         model.load_state_dict(state)
         if X is not None and self.reset_bn and has_batchnorm(model):
-            reset_bn_stats(model, X, batch_size=self.batch_size, device=self.device_)
+            reset_bn_stats(model, X, batch_size=self.batch_size, device=self.device_,
+                           exact=self.reset_bn == "exact")
         if repair:
             self._repair(model, aligned, weights, X)
         return model.eval()
