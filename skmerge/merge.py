@@ -7,7 +7,6 @@ import itertools
 import numbers
 import time
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -686,17 +685,12 @@ def _retie(new: nn.Module, model: nn.Module) -> None:
 
 
 def _reread(loader, purpose: str):
-    """``loader`` for a second pass; a one-shot stream cannot give one."""
-    if loader is not None and _is_one_shot(loader):
-        raise ValueError(f"The alignment data can be read only once (an iterator), but fit needs a second "
-                         f"pass to {purpose}: pass a list, a tensor, a Dataset or a re-iterable "
-                         "DataLoader, or turn the option off.")
+    """``loader`` for a second pass; a one-shot stream, already exhausted, cannot give one."""
+    if loader is not None and next(iter(loader), None) is None:
+        raise ValueError(f"The alignment data can be read only once (a stream that is not re-iterable), "
+                         f"but fit needs a second pass to {purpose}: pass a tensor, an array, a Dataset "
+                         "or a re-iterable DataLoader, or turn the option off.")
     return loader
-
-
-def _is_one_shot(loader) -> bool:
-    dataset = getattr(loader, "dataset", None)
-    return isinstance(dataset, torch.utils.data.IterableDataset) and iter(dataset) is dataset
 
 
 def _on_cpu(model: nn.Module) -> nn.Module:

@@ -22,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._validation import check_positive_int
-from .graph import Space
 from .graph._apply import gather_slice, permute_space_
 from .merge import ModelMerger
 

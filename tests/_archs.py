@@ -272,6 +272,29 @@ def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, seed: int) -> nn.Module:
+    """BatchNorm statistics of the data and perturbed affine parameters, as a trained model has.
+
+    Random statistics leave units dead (zero on every input) in deep nets with
+    ReLU6 or many BatchNorms, and matching dead units is ambiguous; statistics
+    of the data do not.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = None
+        m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        for m in norms:
+            m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype))
+            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype))
+    return model
+
+
 def make_model(name: str, seed: int, dtype=torch.float64, randomize_bn: bool = True) -> nn.Module:
     """``ARCHITECTURES[name]`` seeded, in evaluation mode; BatchNorm randomized unless told not to."""
     torch.manual_seed(seed)

@@ -13,8 +13,8 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
+import _archs
 import _modern
 from skmerge import CCAAligner, ModelMerger, PermutationAligner
 from skmerge.graph import check_spaces, find_spaces, permute_model
@@ -66,30 +66,12 @@ EXPECTED = {
 NOT_FULL_RANK = {"bert"}
 
 
-def _realistic(model: nn.Module, x: torch.Tensor, seed: int) -> nn.Module:
-    """BatchNorm statistics of the data and perturbed affine parameters, as a trained model has."""
-    gen = torch.Generator().manual_seed(seed)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.momentum = None
-        m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
-    with torch.no_grad():
-        for m in norms:
-            m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype))
-            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype))
-    return model
-
-
 def _model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     cls = _modern.MODERN[name]
     model = cls().double()
     x = cls.example_input(256, seed=seed, dtype=torch.float64)
-    return _realistic(model, x, seed), x
+    return _archs.calibrate_batchnorm(model, x, seed), x
 
 
 def _relative_error(a, b):

@@ -9,7 +9,7 @@ from torch import nn
 
 import _archs
 from skmerge._observe import BatchObserver, taps_by_key
-from skmerge.graph import Space, Tap, find_spaces
+from skmerge.graph import Tap
 from skmerge.graph._find import analyze
 from skmerge.graph._runner import GraphRunner, ModuleRunner, model_tensors
 from skmerge.stats import ReferenceCovariance

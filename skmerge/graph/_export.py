@@ -198,6 +198,13 @@ def _describe_inputs(args) -> str:
     return ", ".join(parts)
 
 
+def _cannot_run(model: nn.Module, example_args, exc: Exception) -> ValueError:
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ValueError(
+        f"{type(model).__name__} cannot run on the example input ({_describe_inputs(example_args)}): "
+        f"{cause[:200]}{_first_layer_hint(model)}. The alignment data must be batches the models accept.")
+
+
 def _not_captured(model: nn.Module, exc: Exception) -> UnsupportedOperationError:
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return UnsupportedOperationError(
@@ -232,10 +239,7 @@ def trace(model: nn.Module, example_args: tuple) -> Traced:
             cause = str(run_exc).strip().splitlines()[0] if str(run_exc).strip() else type(run_exc).__name__
             if "meta" in cause.lower():  # needs real values: a tracing limit, not a bad input
                 raise _not_captured(model, exc) from exc
-            raise ValueError(
-                f"{type(model).__name__} cannot run on the example input ({_describe_inputs(example_args)}): "
-                f"{cause}{_first_layer_hint(model)}. The alignment data must be batches the models "
-                "accept.") from None
+            raise _cannot_run(model, example_args, run_exc) from None
         raise _not_captured(model, exc) from exc
 
     state = model.state_dict(keep_vars=True)

@@ -208,6 +208,12 @@ def check_graph(runner: GraphRunner, model: nn.Module, example_args: tuple, rtol
     try:
         with torch.no_grad():
             expected = tensor_leaves(ModuleRunner(model).run(tensors, args))
+    except Exception as exc:  # the model itself cannot take these inputs
+        from ._export import _cannot_run
+
+        raise _cannot_run(model, args, exc) from None
+    try:
+        with torch.no_grad():
             got = tensor_leaves(runner.run(tensors, args))
     except Exception:
         return False
