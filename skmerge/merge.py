@@ -26,6 +26,7 @@ from ._validation import check_device
 from .aligners import CCAAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
 from .graph import AveragingFallbackWarning, Space, apply_transforms
+from .graph._apply import normalize_transforms, slices_by_tensor, transform_tensor
 from .graph._export import meta_copy
 from .graph._find import analyze
 from .graph._permute import verify_spaces
@@ -478,30 +479,53 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         repair_(merged_model, aligned, weights, data, batch_size=self.batch_size,
                 device=self.device_, spaces=self.spaces_, verbose=self._show_progress())
 
+    def _transform_precision(self) -> str:
+        """Products with dense maps in float32 for float32 models (``precision``), else float64."""
+        if not hasattr(self, "precision"):  # mergers without statistics: permutations only
+            return "double"
+        return self._statistics_precision(_floating_dtype(self._validated_models()[0]))
+
+    def _operations(self, k: int) -> list:
+        return normalize_transforms(self.spaces_, [_transform_of(row[k]) for row in self.aligners_])
+
     def _aligned_states(self, models):
         """Yield each model's state_dict expressed in the reference's feature basis."""
+        precision = self._transform_precision()
         for k, model in enumerate(models):
             state = {key: value.to(self.device_) for key, value in model.state_dict().items()}
             transforms = [_transform_of(row[k]) for row in self.aligners_]
-            yield apply_transforms(state, self.spaces_, transforms)
+            yield apply_transforms(state, self.spaces_, transforms, precision=precision)
 
     def _averaged_state(self, models, weights, reference: int, aligned_states=None) -> dict:
-        """The weighted mean of the aligned states (computed from ``models`` when not given)."""
-        if aligned_states is None:
-            aligned_states = self._aligned_states(models)
-        merged = None
-        for weight, state in zip(weights, aligned_states):
-            weight = float(weight)
-            if merged is None:
-                merged = {key: _scaled(value, weight) for key, value in state.items()}
-            else:
-                for key, value in state.items():
-                    if value.is_floating_point():
-                        merged[key] += weight * value
-        # Integer buffers (e.g. num_batches_tracked) come from the reference.
-        for key, value in models[reference].state_dict().items():
-            if not value.is_floating_point():
+        """The weighted mean of the aligned states, one tensor at a time.
+
+        Each tensor of each model is transformed and added to the mean before
+        the next one is touched, so the extra memory is the merged state and
+        one tensor, not one aligned state per model.
+        """
+        if aligned_states is not None:
+            states = [dict(state) for state in aligned_states]
+            entries = [{} for _ in models]
+        else:
+            states = [model.state_dict() for model in models]
+            entries = [slices_by_tensor(self.spaces_, self._operations(k)) for k in range(len(models))]
+        precision = self._transform_precision()
+        merged = {}
+        for key, value in states[reference].items():
+            if not value.is_floating_point():  # integer buffers (num_batches_tracked): the reference's
                 merged[key] = value.to(self.device_, copy=True)
+                continue
+            total = None
+            for weight, state, todo in zip(weights, states, entries):
+                tensor = state[key].to(self.device_)
+                if key in todo:
+                    tensor = transform_tensor(tensor, todo[key], precision)
+                if total is None:
+                    total = tensor * float(weight)  # a new tensor, never the model's own
+                else:
+                    total += float(weight) * tensor
+                del tensor
+            merged[key] = total
         return merged
 
     def aligned_state_dicts(self) -> list[dict]:
@@ -621,10 +645,6 @@ def _normalized_weights(weights, n_models: int) -> np.ndarray:
             f"weights must be finite, non-negative and sum to a positive value, got {weights}."
         )
     return weights / weights.sum()
-
-
-def _scaled(value: torch.Tensor, weight: float) -> torch.Tensor:
-    return weight * value if value.is_floating_point() else value.clone()
 
 
 class _Stream:
