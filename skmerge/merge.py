@@ -22,6 +22,7 @@ from ._observe import BatchObserver, taps_by_key
 from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
 from ._model_checks import architecture_difference, check_model_tensors
 from ._prediction import MergedModelClassifierMixin
+from ._statistics_cache import data_key, statistics_cache
 from ._validation import check_device
 from .aligners import CCAAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
@@ -279,8 +280,15 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         # The models are read, never modified: no mode switch, no hook, no move.
         self.timings_ = {}
         batches, example = self._example_and_batches(loader, dtype)
+        if isinstance(batches, _Stream):
+            batches.key = data_key(X)
         self.spaces_, runner = self._spaces(models[reference], example)
         self.aligners_ = self._fit_aligners(models, reference, batches, dtype, runner)
+        return self._build(models, reference, loader, example, X, start)
+
+    def _build(self, models, reference, loader, example, X, start):
+        """Average the aligned models into ``merged_model_`` and re-estimate its statistics."""
+        repair = getattr(self, "repair", False)
         tick = time.perf_counter()
         # REPAIR needs the aligned states again: transform each model once.
         aligned = list(self._aligned_states(models)) if repair else None
@@ -315,7 +323,6 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         source = X if X is not None else getattr(self, "example_input", None)
         if isinstance(source, (torch.Tensor, np.ndarray)) and source.ndim == 2:
             self.n_features_in_ = int(source.shape[1])
-        self.__dict__.pop("classes_", None)
         if example is not None:
             self.classes_ = np.arange(self._n_outputs(merged_model, example))
         return self
@@ -351,10 +358,58 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self.statistics_, self.n_samples_seen_ = self._accumulate(
             models, reference, batches, self.spaces_, dtype, runner)
         self.timings_["statistics"] = time.perf_counter() - tick
+        return self._resolve(len(models), reference)
+
+    def _resolve(self, n_models: int, reference: int) -> list[list]:
+        """The aligners fitted from ``statistics_`` (the step :meth:`refit` repeats)."""
         tick = time.perf_counter()
-        aligners = self._solve(self.spaces_, self.statistics_, len(models), reference)
+        aligners = self._solve(self.spaces_, self.statistics_, n_models, reference)
         self.timings_["solve"] = time.perf_counter() - tick
         return aligners
+
+    def refit(self, X=None, **params):
+        """Solve the statistics of the last ``fit`` again with other parameters, without a pass.
+
+        The statistics (``statistics_``) do not depend on the aligner: changing
+        it, its parameters or the averaging ``weights`` only needs the solve
+        and the weight transform. (``fit`` on the same models and data reuses
+        the statistics too, which is what makes ``GridSearchCV`` over aligner
+        parameters cheap after the first candidate of each fold.)
+
+        Parameters
+        ----------
+        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader, optional
+            Data for the BatchNorm re-estimation (``reset_bn``) and REPAIR
+            (``repair``) of the new merged model; without it, BatchNorm layers
+            keep the averaged statistics (with a warning) and REPAIR cannot run.
+        **params
+            New parameters, as for ``set_params`` (``aligner=``,
+            ``aligner__regularization=``, ``weights=``, ``reset_bn=``, ...).
+            Parameters the statistics depend on (``models``, ``reference``,
+            ``spaces``, ``precision``, ``device``, ``batch_size``) need ``fit``.
+
+        Returns
+        -------
+        self : ModelMerger
+        """
+        check_is_fitted(self, "statistics_")
+        frozen = {"models", "reference", "spaces", "precision", "device", "batch_size"}
+        changed = sorted(k for k in params if k.split("__")[0] in frozen)
+        if changed:
+            raise ValueError(f"refit cannot change {changed}: the statistics depend on them; call fit.")
+        self.set_params(**params)
+        start = time.perf_counter()
+        models = self._validated_models()
+        reference = self._validated_reference(len(models))
+        self.weights_ = self._validated_weights(len(models))
+        self._check_method_params()
+        if getattr(self, "repair", False) and X is None:
+            raise ValueError("repair=True needs data X: REPAIR measures activations.")
+        self.timings_ = {"statistics": 0.0}
+        self.aligners_ = self._resolve(len(models), reference)
+        loader = as_loader(X, self.batch_size) if X is not None else None
+        example = _first_example(loader, self.device_, _floating_dtype(models[reference]))
+        return self._build(models, reference, loader, example, X, start)
 
     def _show_progress(self) -> bool:
         # Under torch.distributed only rank 0 draws progress bars.
@@ -394,6 +449,14 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         space's accumulator (the reference-free merger keeps all pairs).
         """
         precision = self._statistics_precision(dtype)
+        model_key, refs = statistics_cache.model_key(models)
+        data = getattr(batches, "key", None)
+        key = None if data is None or is_distributed() else (
+            statistics_type, model_key, data, reference, precision, str(self.device_), self.batch_size,
+            tuple((s.name, s.dim, tuple(getattr(t, "node", None) or t.module for t in s.taps)) for s in spaces))
+        cached = statistics_cache.get(key) if key is not None else None
+        if cached is not None:  # the same models on the same data: the pass is done already
+            return cached
         statistics = [statistics_type(len(models), reference=reference, precision=precision)
                       for _ in spaces]
         taps = taps_by_key(spaces)
@@ -416,6 +479,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         if is_distributed():
             n_seen = int(all_reduce_sum_(torch.tensor([n_seen], dtype=torch.int64,
                                                       device=self.device_)).item())
+        if key is not None:
+            statistics_cache.put(key, refs, (statistics, n_seen))
         return statistics, n_seen
 
     def _solve(self, spaces, statistics, n_models, reference):
@@ -648,10 +713,14 @@ def _normalized_weights(weights, n_models: int) -> np.ndarray:
 
 
 class _Stream:
-    """Input batches read once, with their number when known (progress bars)."""
+    """Input batches read once, with their number when known (progress bars).
+
+    ``key`` identifies the data's content when it is an array or a tensor
+    (statistics of the same models on the same data are reused).
+    """
 
     def __init__(self, iterator, total):
-        self.iterator, self.total = iterator, total
+        self.iterator, self.total, self.key = iterator, total, None
 
     def __iter__(self):
         return self.iterator
@@ -702,6 +771,14 @@ def _retie(new: nn.Module, model: nn.Module) -> None:
         source_owner, _, source_attr = first[id(param)].rpartition(".")
         tied = getattr(new.get_submodule(source_owner), source_attr)
         setattr(new.get_submodule(owner), attr, tied)
+
+
+def _first_example(loader, device, dtype):
+    """The start of the first batch (None without data)."""
+    if loader is None:
+        return None
+    first = next(iter_inputs(loader, device, dtype), None)
+    return None if first is None else first[:2]
 
 
 def _reread(loader, purpose: str):
