@@ -459,6 +459,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             return cached
         statistics = [statistics_type(len(models), reference=reference, precision=precision)
                       for _ in spaces]
+        for stats in statistics:
+            stats._accumulating = True  # nobody holds a snapshot yet: grow the comoments in place
         taps = taps_by_key(spaces)
         tensors = [_tensors_on(model, self.device_) for model in models]
         # The reference first, then the other models one at a time: a batch's
@@ -473,6 +475,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
                 observer.run(tensors[k], k, inputs)
             observer.commit()
             n_seen += len(inputs)
+        for stats in statistics:
+            del stats._accumulating
         if n_seen == 0:
             raise ValueError("The alignment data X is empty.")
         statistics = all_reduce_statistics(statistics)
@@ -584,11 +588,13 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             for weight, state, todo in zip(weights, states, entries):
                 tensor = state[key].to(self.device_)
                 if key in todo:
-                    tensor = transform_tensor(tensor, todo[key], precision)
-                if total is None:
-                    total = tensor * float(weight)  # a new tensor, never the model's own
+                    tensor = transform_tensor(tensor, todo[key], precision).mul_(float(weight))
                 else:
-                    total += float(weight) * tensor
+                    tensor = tensor * float(weight)  # a new tensor, never the model's own
+                if total is None:
+                    total = tensor
+                else:
+                    total += tensor
                 del tensor
             merged[key] = total
         return merged
@@ -746,18 +752,19 @@ def _floating_dtype(model: nn.Module) -> torch.dtype:
 def _module_with_state(model: nn.Module, state: dict, device: torch.device) -> nn.Module:
     """A new module of ``model``'s architecture on ``device`` holding ``state``, in eval mode.
 
-    Built from a structural copy (no copy of ``model``'s tensors): tied weights
-    stay tied, and buffers outside the state_dict are copied from ``model``.
+    Built from a structural copy holding the tensors of ``state`` themselves
+    (no copy): tied weights stay tied, buffers outside the state_dict are
+    copied from ``model``.
     """
-    new = meta_copy(model).to_empty(device=device)
+    new = meta_copy(model)
+    new.load_state_dict(state, assign=True)  # the merged tensors themselves, no copy
     _retie(new, model)
     persistent = set(state)
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name not in persistent:
-                new.get_buffer(name).copy_(buffer)
-    new.load_state_dict(state)
-    return new.eval()
+    for name, buffer in model.named_buffers():
+        if name not in persistent:  # non-persistent buffers (masks, position ids): the model's
+            owner, _, attr = name.rpartition(".")
+            new.get_submodule(owner).register_buffer(attr, buffer.to(device, copy=True), persistent=False)
+    return new.to(device).eval()
 
 
 def _retie(new: nn.Module, model: nn.Module) -> None:

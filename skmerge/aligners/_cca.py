@@ -77,15 +77,14 @@ class _Whitener:
     """
 
     def __init__(self, cov: torch.Tensor, r: float, dtype: torch.dtype = torch.float64):
-        shrunk = _shrink(cov, r)
         d = cov.shape[0]
         self.factor = None
         if r > 1e3 * d * d * torch.finfo(torch.float64).eps and float(torch.trace(cov)) > 0:
-            factor, info = torch.linalg.cholesky_ex(shrunk.to(dtype))
+            factor, info = torch.linalg.cholesky_ex(_shrink(cov.to(dtype), r))
             if int(info) == 0:
                 self.factor = factor
                 return
-        root, inv_root = _sqrt_and_inv_sqrt(shrunk)
+        root, inv_root = _sqrt_and_inv_sqrt(_shrink(cov, r))
         self.root, self.inv_root = root.to(dtype), inv_root.to(dtype)
 
     @property
@@ -133,7 +132,8 @@ def _whitening(cov: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]
 _REFERENCE_ROOTS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def _reference_roots(stats: CrossCovariance, s_yy: torch.Tensor, r_y: float, dtype=torch.float64):
+def _reference_roots(stats: CrossCovariance, s_yy, r_y: float, dtype=torch.float64):
+    """The reference's whitening; ``s_yy`` (or a function giving it) is only used on a miss."""
     comoment = stats._moments[1, 1]
     key = id(comoment)
     entry = _REFERENCE_ROOTS.get(key)
@@ -143,7 +143,7 @@ def _reference_roots(stats: CrossCovariance, s_yy: torch.Tensor, r_y: float, dty
     roots = entry[1]
     setting = (stats.n_samples_, float(r_y), dtype)
     if setting not in roots:
-        roots[setting] = _Whitener(s_yy, r_y, dtype)
+        roots[setting] = _Whitener(s_yy() if callable(s_yy) else s_yy, r_y, dtype)
     return roots[setting]
 
 
@@ -200,7 +200,8 @@ class CCAAligner(BaseAligner):
         the canonical correlations are not tiny — float32 resolves them down
         to about 1e-4 of the largest and maps weaker directions to zero, as it
         maps uncorrelated directions to zero in float64. Everything else is
-        solved in float64. The fitted attributes are float64 either way.
+        solved in float64; ``mapping_`` and ``inverse_mapping_`` are in the
+        precision of the solve.
 
     Attributes
     ----------
@@ -264,9 +265,8 @@ class CCAAligner(BaseAligner):
     def _solve(self, stats: CrossCovariance) -> dict[str, Any]:
         regularization = check_regularization(self.regularization)
         n, p, q = stats.n_samples_, stats.n_features_x, stats.n_features_y
-        s_xx, s_yy, s_xy = stats.covariance_xx(), stats.covariance_yy(), stats.covariance_xy()
         if regularization == "auto":
-            r_x, r_y = _oas_shrinkage(s_xx, n), _oas_shrinkage(s_yy, n)
+            r_x, r_y = _oas_shrinkage(stats.covariance_xx(), n), _oas_shrinkage(stats.covariance_yy(), n)
         else:
             r_x = r_y = regularization
             if regularization == 0.0 and n < 2 * max(p, q):
@@ -278,21 +278,24 @@ class CCAAligner(BaseAligner):
                     SmallSampleWarning,
                     stacklevel=4,
                 )
-        dtype = _solve_dtype(getattr(self, "solver", "auto"), p, q, r_x, r_y, s_xx.device)
-        wx = _Whitener(s_xx, r_x, dtype)
-        wy = _reference_roots(stats, s_yy, r_y, dtype)
-        u, s, vh = torch.linalg.svd(wy.right(wx.left(s_xy.to(dtype))), full_matrices=False)
+        dtype = _solve_dtype(getattr(self, "solver", "auto"), p, q, r_x, r_y, stats.device)
+        # the covariances only in the solve's precision: no float64 copy of a wide space
+        wx = _Whitener(stats.covariance_xx(dtype=dtype), r_x, dtype)
+        wy = _reference_roots(stats, lambda: stats.covariance_yy(dtype=dtype), r_y, dtype)
+        u, s, vh = torch.linalg.svd(wy.right(wx.left(stats.covariance_xy(dtype=dtype))), full_matrices=False)
         # Polar factor over the canonical directions that carry correlation.
         # Directions with (numerically) zero correlation, e.g. units that are
         # dead on the data, have arbitrary singular vectors: mixing them would
         # turn dead units into live ones, so they are mapped to zero instead.
         tolerance = max(p, q) * torch.finfo(s.dtype).eps * (s.max() if s.numel() else 0.0)
         keep = s > tolerance
-        rotation = u[:, keep] @ vh[keep]
+        rotation = u @ vh if bool(keep.all()) else u[:, keep] @ vh[keep]
+        del u, vh
         self._canonical = None  # computed when asked for (it costs two more triangular solves)
-        return {
-            "mapping_": wx.times(wy.inverse_right(rotation)).to(torch.float64),
-            "inverse_mapping_": wy.times(wx.inverse_right(rotation.T)).to(torch.float64),
+        mapping = wx.times(wy.inverse_right(rotation))
+        return {  # in the solve's precision: float32 maps of wide spaces take half the memory
+            "mapping_": mapping,
+            "inverse_mapping_": wy.times(wx.inverse_right(rotation.T)),
             "regularization_": (float(r_x), float(r_y)),
         }
 

@@ -122,8 +122,7 @@ class ProcrustesAligner(BaseAligner):
         # Same numerical-rank rule as CCAAligner (so regularization=1 agrees).
         tolerance = max(p, q) * torch.finfo(s.dtype).eps * (s.max() if s.numel() else 0.0)
         keep = s > tolerance
-        rotation = (u[:, keep] @ vh[keep]).to(torch.float64)
-        s = s.to(torch.float64)
+        rotation = u[:, keep] @ vh[keep]
         factor = 1.0
         if self.scale:
             var_x = float(torch.trace(stats.covariance_xx())) / p

@@ -37,7 +37,9 @@ def _normalize(transform, space: Space, i: int):
                     )
                 if not torch.isfinite(m).all():
                     raise ValueError(f"transforms[{i}]: {name} contains NaN or inf")
-            return ("pair", mats[0].to(torch.float64), mats[1].to(torch.float64))
+            # float32 maps (of wide spaces solved in float32) stay float32: half the memory
+            dtype = torch.float32 if all(m.dtype == torch.float32 for m in mats) else torch.float64
+            return ("pair", mats[0].to(dtype), mats[1].to(dtype))
     try:
         perm = torch.as_tensor(transform)
     except Exception:
@@ -122,6 +124,10 @@ def permute_space_(tensors: dict, space: Space, perm) -> None:
         _scatter_(view, sl, positions, g[torch.as_tensor(perm, dtype=torch.long, device=t.device)])
 
 
+#: entries of the largest product output formed at once when transforming a tensor in place
+_CHUNK = 1 << 24
+
+
 def _is_whole_axis(view: torch.Tensor, sl: ParamSlice, positions: torch.Tensor) -> bool:
     """Whether ``sl`` owns every position of its (possibly flattened) axis, in order.
 
@@ -137,10 +143,21 @@ def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
     view, positions, d, k = _locate(t, sl)
     if _is_whole_axis(view, sl, positions):
         # The slice is the whole axis: transform a view of it, channel first,
-        # and copy the result back, without gathering and scattering.
+        # in place, without gathering and scattering.
         g = view.movedim(sl.axis, 0)
         g = g.reshape(d, k, *g.shape[1:]) if k > 1 else g
-        g.copy_(_transformed(g, sl, op, role, t.device))
+        if op[0] == "perm" or g.numel() <= _CHUNK or view.ndim < 2:
+            g.copy_(_transformed(g, sl, op, role, t.device))
+            return
+        # a large tensor (a classifier after a flatten): a few rows or columns
+        # at a time along another axis, so that no product output is as large
+        # as the tensor (views only: every piece is written back in place)
+        other = max((a for a in range(view.ndim) if a != sl.axis), key=lambda a: view.shape[a])
+        step = max(1, _CHUNK * view.shape[other] // view.numel())
+        for start in range(0, view.shape[other], step):
+            part = view.narrow(other, start, min(step, view.shape[other] - start)).movedim(sl.axis, 0)
+            part = part.reshape(d, k, *part.shape[1:]) if k > 1 else part
+            part.copy_(_transformed(part, sl, op, role, t.device))
         return
     g = gather_slice(t, sl)  # channel, its k positions, everything else
     _scatter_(view, sl, positions, _transformed(g, sl, op, role, t.device))
