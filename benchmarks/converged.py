@@ -1,0 +1,247 @@
+"""Merge quality on converged base models, and where the spaces are observed.
+
+The base models are the committed checkpoints of ``benchmarks/models/``
+(Fashion-MNIST, trained by ``benchmarks/base_models.py`` to 92-94 % test
+accuracy). For every family with at least two trained models, every pair of
+models and all the models together are merged with
+
+* ``PermutationAligner()`` (one-to-one matching of the features),
+* ``CCAAligner()`` at its default regularization (0.3),
+* ``CCAAligner`` with the regularization picked from a grid on held-out data
+  (2,000 held-out training images, never trained or aligned on; every grid
+  point is a ``ModelMerger.refit`` of the same statistics),
+* ``IdentityAligner()`` (plain averaging of the parameters, the baseline),
+
+each with the spaces observed at three placements
+(:func:`skmerge.graph.find_spaces` ``taps=``): ``"formed"`` (the default:
+where the features are formed, before any pooling), ``"consumers"`` (at the
+inputs of the layers that read them, after pooling) and ``"both"`` (the two
+pooled together). Alignment data: 3,000 held-out training images; BatchNorm
+statistics re-estimated on them; test accuracy on the 10,000 test images.
+
+Writes ``benchmarks/results/converged.json`` and
+``docs/_generated/benchmarks/converged_{meta,tables,findings}.inc``. Run::
+
+    python benchmarks/converged.py                    # every family (about 15 min each on 2 cores)
+    python benchmarks/converged.py --families resnet20-x1 --taps formed
+    python benchmarks/converged.py --tables-only      # rewrite the tables from the json
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from _base_models import FAMILIES, MODELS_DIR, load_base_models  # noqa: E402
+from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, rst_table,  # noqa: E402
+                     setup_torch, write_json, write_text)
+from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
+from skmerge.graph import find_spaces  # noqa: E402
+
+OUTPUT = RESULTS / "converged.json"
+TAPS = ("formed", "consumers", "both")
+#: Regularization grid of the tuned CCA (chosen on the validation images).
+GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
+N_ALIGN = 3000
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=None,
+                        help="comma-separated (default: every family with two or more checkpoints)")
+    parser.add_argument("--taps", default=",".join(TAPS), help=f"comma-separated, from {', '.join(TAPS)}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tables-only", action="store_true")
+    args = parser.parse_args(argv)
+    args.taps = args.taps.split(",")
+    if unknown := [t for t in args.taps if t not in TAPS]:
+        parser.error(f"unknown taps {unknown}")
+    return args
+
+
+def available_seeds(family: str) -> list[int]:
+    return sorted(int(p.stem[4:]) for p in (MODELS_DIR / family).glob("seed*.pt"))
+
+
+@torch.no_grad()
+def accuracy(model, dataset: TensorDataset, batch: int = 1000) -> float:
+    x, y = dataset.tensors
+    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+                  for i in range(0, len(x), batch))
+    return correct / len(x)
+
+
+def _head(dataset: TensorDataset, start: int, stop: int) -> TensorDataset:
+    return TensorDataset(*(t[start:stop] for t in dataset.tensors))
+
+
+def merge_set(models, spaces, align, validation, test) -> dict:
+    """Test accuracies of one set of models merged with every aligner."""
+    out = {}
+    common = dict(spaces=spaces, device="cpu", verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merger = ModelMerger(models, PermutationAligner(), **common).fit(align)
+        out["permutation"] = accuracy(merger.merged_model_, test)
+        merger = ModelMerger(models, CCAAligner(), **common).fit(align)
+        out["cca_default"] = accuracy(merger.merged_model_, test)
+        scores = {}
+        for r in GRID:
+            merger.refit(align, aligner=CCAAligner(regularization=r))
+            scores[r] = accuracy(merger.merged_model_, validation)
+        best = max(GRID, key=lambda r: (scores[r], -abs(r - 0.3)))
+        merger.refit(align, aligner=CCAAligner(regularization=best))
+        out["cca_tuned"] = accuracy(merger.merged_model_, test)
+        out["cca_tuned_regularization"] = best
+        out["cca_validation"] = {str(r): s for r, s in scores.items()}
+    return out
+
+
+def run_family(family: str, taps_list, results: dict) -> None:
+    seeds = available_seeds(family)
+    models, data = load_base_models(family, seeds)
+    align = _head(data["heldout"], 0, N_ALIGN)
+    validation = _head(data["heldout"], N_ALIGN, len(data["heldout"]))
+    test = data["test"]
+    fam = results.setdefault(family, {"label": FAMILIES[family].label, "seeds": seeds, "sets": {}})
+    fam["seeds"] = seeds
+    fam["base"] = [accuracy(m, test) for m in models]
+    sets = list(itertools.combinations(range(len(models)), 2))
+    if len(models) > 2:
+        sets.append(tuple(range(len(models))))
+    x_example = align.tensors[0][:8]
+    for members in sets:
+        key = "+".join(str(seeds[i]) for i in members)
+        group = [models[i] for i in members]
+        entry = fam["sets"].setdefault(key, {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged = ModelMerger(group, IdentityAligner(), device="cpu", verbose=False).fit(align)
+        entry["averaging"] = accuracy(merged.merged_model_, test)
+        entry["base_mean"] = float(np.mean([fam["base"][i] for i in members]))
+        for taps in taps_list:
+            tick = time.perf_counter()
+            spaces = find_spaces(group[0], x_example, taps=taps)
+            entry[taps] = merge_set(group, spaces, align, validation, test)
+            entry[taps]["seconds"] = round(time.perf_counter() - tick, 1)
+            print(f"{family} {key} taps={taps}: " + ", ".join(
+                f"{k} {100 * v:.2f}" for k, v in entry[taps].items()
+                if k in ("permutation", "cca_default", "cca_tuned")) +
+                f" (r={entry[taps]['cca_tuned_regularization']}; averaging {100 * entry['averaging']:.2f}; "
+                f"{entry[taps]['seconds']} s)", flush=True)
+
+
+# --------------------------------------------------------------------------
+# tables
+
+
+def _pct(values) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def tables(results: dict) -> tuple[str, str]:
+    meta = results["machine"]
+    header = ["models", "merged", "base (mean)", "averaging", "taps", "permutation",
+              "CCA (r=0.3)", "CCA (tuned r)", "tuned r"]
+    rows = []
+    for family, fam in results["families"].items():
+        for size in sorted({len(k.split("+")) for k in fam["sets"]}):
+            keys = [k for k in fam["sets"] if len(k.split("+")) == size]
+            entries = [fam["sets"][k] for k in keys]
+            what = f"{size} ({len(keys)} set{'s' if len(keys) > 1 else ''})"
+            for taps in TAPS:
+                if not all(taps in e for e in entries):
+                    continue
+                rs = sorted({e[taps]["cca_tuned_regularization"] for e in entries})
+                rows.append([fam["label"], what, _pct([e["base_mean"] for e in entries]),
+                             _pct([e["averaging"] for e in entries]), f"``{taps}``",
+                             _pct([e[taps]["permutation"] for e in entries]),
+                             _pct([e[taps]["cca_default"] for e in entries]),
+                             _pct([e[taps]["cca_tuned"] for e in entries]),
+                             ", ".join(f"{r:g}" for r in rs)])
+    table = rst_table(header, rows, stub_columns=1)
+    families = "; ".join(f"{fam['label']} (seeds {', '.join(map(str, fam['seeds']))}: "
+                         f"{', '.join(f'{100 * b:.2f}' for b in fam['base'])} %; ``{fam['command']}``, "
+                         f"{fam['wall_minutes']:.0f} min)"
+                         for fam in results["families"].values())
+    meta_text = (f"Base models: {families}. Alignment on {N_ALIGN:,} held-out training images, the "
+                 f"regularization of the tuned CCA chosen from {', '.join(map(str, GRID))} on the other "
+                 f"2,000, test accuracy on the 10,000 test images (mean ± std over the sets of models). "
+                 f"{machine_line(meta)}\n")
+    return meta_text, table
+
+
+METHODS = {"permutation": "permutation", "cca_default": "CCA (r=0.3)", "cca_tuned": "CCA (tuned r)"}
+
+
+def findings(results: dict) -> str:
+    """The ordering of the methods per family and number of models, in words (generated)."""
+    lines = ["What the table shows, with the default placement (``formed``) unless said otherwise:", ""]
+    for fam in results["families"].values():
+        for size in sorted({len(k.split("+")) for k in fam["sets"]}):
+            entries = [e for k, e in fam["sets"].items() if len(k.split("+")) == size and "formed" in e]
+            if not entries:
+                continue
+            means = {m: float(np.mean([e["formed"][m] for e in entries])) for m in METHODS}
+            order = sorted(means, key=means.get, reverse=True)
+            base = float(np.mean([e["base_mean"] for e in entries]))
+            wins = sum(e["formed"]["cca_default"] >= e["formed"]["permutation"] for e in entries)
+            text = (f"- {fam['label']}, {size} models: " +
+                    " > ".join(f"{METHODS[m]} {100 * means[m]:.1f}" for m in order) +
+                    f"; the best keeps {100 * means[order[0]] / base:.0f} % of the base accuracy "
+                    f"({100 * base:.1f}); CCA (r=0.3) at least as good as permutation in {wins} of "
+                    f"{len(entries)} set{'s' if len(entries) > 1 else ''}.")
+            others = [t for t in TAPS[1:] if all(t in e for e in entries)]
+            if others:
+                deltas = []
+                for t in others:
+                    d = {m: 100 * float(np.mean([e[t][m] - e["formed"][m] for e in entries]))
+                         for m in ("permutation", "cca_default")}
+                    deltas.append(f"``{t}`` {d['permutation']:+.1f} (permutation) / "
+                                  f"{d['cca_default']:+.1f} (CCA)")
+                text += " Other placements, points against ``formed``: " + ", ".join(deltas) + "."
+            lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(results: dict) -> None:
+    meta, table = tables(results)
+    write_text(GENERATED / "converged_meta.inc", meta)
+    write_text(GENERATED / "converged_tables.inc", table)
+    write_text(GENERATED / "converged_findings.inc", findings(results))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.tables_only:
+        write_tables(read_json(OUTPUT))
+        return
+    setup_torch(args.threads)
+    families = args.families.split(",") if args.families else [
+        f for f in FAMILIES if len(available_seeds(f)) >= 2]
+    results = read_json(OUTPUT) if OUTPUT.exists() else {"families": {}}
+    command = " ".join(["python benchmarks/converged.py", *(sys.argv[1:] if argv is None else argv)])
+    for family in families:
+        start = time.perf_counter()
+        run_family(family, args.taps, results["families"])
+        results["families"][family].update(command=command,
+                                           wall_minutes=(time.perf_counter() - start) / 60)
+        results["machine"] = machine_info()
+        write_json(OUTPUT, results)
+    write_tables(results)
+
+
+if __name__ == "__main__":
+    main()
