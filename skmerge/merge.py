@@ -25,6 +25,7 @@ from ._prediction import MergedModelClassifierMixin
 from ._validation import check_device
 from .aligners import CCAAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
+from .combine import resolve_combine
 from .graph import AveragingFallbackWarning, Space, apply_transforms
 from .graph._export import meta_copy
 from .graph._find import analyze
@@ -68,6 +69,18 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     weights : array-like of shape (n_models,), optional
         Non-negative averaging weights (normalized to sum to one); uniform by
         default.
+    combine : {"uniform", "fisher", "regmean"} or skmerge.combine.Fisher or skmerge.combine.RegMean, default="uniform"
+        How the aligned models are combined. ``"uniform"``: their average
+        (with ``weights``). ``"fisher"``: Fisher-weighted averaging (Matena
+        and Raffel, NeurIPS 2022), every parameter entry weighted by each
+        model's diagonal Fisher information on ``X`` carried into the aligned
+        basis (:class:`~skmerge.combine.Fisher`). ``"regmean"``: every Linear
+        and Conv layer is the least-squares fit of all aligned models'
+        outputs from their inputs (RegMean, Jin et al., ICLR 2023;
+        :class:`~skmerge.combine.RegMean`), the rest averaged. Both cost one
+        more pass over ``X`` per model (forward and backward for Fisher) and
+        combine with ``weights``. An instance sets their parameters
+        (``combine__alpha`` for GridSearchCV).
     reset_bn : bool or "exact", default=True
         Re-estimate the merged model's BatchNorm running statistics on the
         alignment data (averaged statistics do not describe the merged model):
@@ -138,8 +151,13 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         Device used.
     timings_ : dict
         Seconds spent in ``"statistics"`` (forward passes and accumulation),
-        ``"solve"``, ``"transform"`` (weights and averaging), ``"reset_bn"``,
-        ``"repair"`` (only with ``repair=True``) and ``"total"``.
+        ``"solve"``, ``"combine"`` (the Fisher or Gram statistics of
+        ``combine``, only when it is not uniform), ``"transform"`` (weights and
+        averaging), ``"reset_bn"``, ``"repair"`` (only with ``repair=True``)
+        and ``"total"``.
+    combination_ : skmerge.combine.Fisher or skmerge.combine.RegMean
+        The fitted combination, with its statistics (only when ``combine``
+        is not uniform).
 
     Examples
     --------
@@ -160,6 +178,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         aligner=CCAAligner(),
         reference: int = 0,
         weights=None,
+        combine="uniform",
         reset_bn: bool | str = True,
         repair: bool = False,
         batch_size: int = 128,
@@ -173,6 +192,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self.aligner = aligner
         self.reference = reference
         self.weights = weights
+        self.combine = combine
         self.reset_bn = reset_bn
         self.repair = repair
         self.batch_size = batch_size
@@ -272,6 +292,9 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         if repair and X is None:
             raise ValueError("repair=True needs data: REPAIR measures the activations of the merged "
                              "and the aligned models. Call fit(X), or pass repair=False.")
+        if X is None and resolve_combine(getattr(self, "combine", "uniform")) is not None:
+            raise ValueError(f"combine={self.combine!r} needs data (the Fisher information or the "
+                             "layers' input Gram matrices are measured on it): call fit(X).")
         self.device_ = self._resolved_device()
         loader = as_loader(X, self.batch_size) if X is not None else None
         dtype = _floating_dtype(models[reference])
@@ -280,11 +303,11 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         batches, example = self._example_and_batches(loader, dtype)
         self.spaces_, runner = self._spaces(models[reference], example)
         self.aligners_ = self._fit_aligners(models, reference, batches, dtype, runner)
+        self._fit_combination(models, loader, dtype)
         tick = time.perf_counter()
         # REPAIR needs the aligned states again: transform each model once.
         aligned = list(self._aligned_states(models)) if repair else None
-        merged = self._averaged_state(models, self.weights_, reference, aligned)
-        merged_model = _module_with_state(models[reference], merged, self.device_)
+        merged_model = self._merged_module(models, self.weights_, reference, aligned)
         self.timings_["transform"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -321,14 +344,30 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
 
     # Steps that other mergers (weight matching) replace.
     def _check_method_params(self) -> None:
-        if self.reset_bn not in (True, False, "exact"):
-            raise ValueError(f'reset_bn must be True, False or "exact", got {self.reset_bn!r}.')
-        if self.precision not in ("auto", "single", "double"):
-            raise ValueError(f"precision must be 'auto', 'single' or 'double', got {self.precision!r}.")
+        self._check_pass_params()
         if not hasattr(self.aligner, "fit_from_stats"):
             raise TypeError(
                 f"aligner must be a skmerge aligner with fit_from_stats, got {type(self.aligner).__name__}."
             )
+        resolve_combine(getattr(self, "combine", "uniform"))
+
+    def _fit_combination(self, models, loader, dtype) -> None:
+        """The statistics of a non-uniform ``combine`` (``combination_``), one more pass over the data."""
+        self.__dict__.pop("combination_", None)
+        combination = resolve_combine(getattr(self, "combine", "uniform"))
+        if combination is None:
+            return
+        tick = time.perf_counter()
+        purpose = f"estimate the statistics of combine={type(combination).__name__}"
+        self.combination_ = clone(combination).fit_statistics(self, models, _reread(loader, purpose), dtype)
+        self.timings_["combine"] = time.perf_counter() - tick
+
+    def _check_pass_params(self) -> None:
+        """The parameters of the statistics pass and the BatchNorm reset, shared by every merger."""
+        if self.reset_bn not in (True, False, "exact"):
+            raise ValueError(f'reset_bn must be True, False or "exact", got {self.reset_bn!r}.')
+        if self.precision not in ("auto", "single", "double"):
+            raise ValueError(f"precision must be 'auto', 'single' or 'double', got {self.precision!r}.")
 
     def _example_and_batches(self, loader, dtype):
         """The input batches of the statistics pass and the example that finds the spaces.
@@ -485,7 +524,19 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             transforms = [_transform_of(row[k]) for row in self.aligners_]
             yield apply_transforms(state, self.spaces_, transforms)
 
+    def _merged_module(self, models, weights, reference: int, aligned_states=None) -> nn.Module:
+        """The merged network (a module of the reference's architecture holding the averaged state)."""
+        state = self._averaged_state(models, weights, reference, aligned_states)
+        return _module_with_state(models[reference], state, self.device_)
+
     def _averaged_state(self, models, weights, reference: int, aligned_states=None) -> dict:
+        """The combined aligned states (``combine``; computed from ``models`` when not given)."""
+        combination = getattr(self, "combination_", None)
+        if combination is not None:
+            return combination.merged_state(self, models, weights, reference, aligned_states)
+        return self._uniform_state(models, weights, reference, aligned_states)
+
+    def _uniform_state(self, models, weights, reference: int, aligned_states=None) -> dict:
         """The weighted mean of the aligned states (computed from ``models`` when not given)."""
         if aligned_states is None:
             aligned_states = self._aligned_states(models)
