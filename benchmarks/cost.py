@@ -18,6 +18,19 @@ weights):
    ``O(n_models * d^2)``.
 3. **solve time per space** for d = 64 ... 2048: ``fit_from_stats`` of each
    aligner on one (d, d) space, and the parts of the CCA solve.
+4. **a large model** (``--parts large``): two VGG11-BN in torchvision's layout
+   (129 M parameters: ``AdaptiveAvgPool2d(7)``, a 25088-input Linear and two
+   4096-wide classifier layers) on 3x32x32 images, in a fresh subprocess:
+   the fit's breakdown against its own bound (the forward passes of both
+   models + one float32 SVD per solved space and model + the float32 products
+   of the weight transform + one BatchNorm pass, each measured in the same
+   run), and the peak extra memory against the models' size.
+5. **the polar factor** (``--parts polar``) for d = 1024 ... 4096: float64 and
+   float32 SVDs, the eigendecomposition route, and the CCA solve in both
+   precisions (with the difference of the mappings).
+6. **reusing the statistics** (``--parts reuse``): ``GridSearchCV`` over
+   ``aligner__regularization`` with the statistics of each fold reused,
+   against the same search with the reuse turned off.
 
 Run::
 
@@ -76,7 +89,10 @@ def parse_args(argv=None):
     parser.add_argument("--memory-models", default=None, help="numbers of models (default 2,4,8,16)")
     parser.add_argument("--memory-size", type=int, default=None, help="alignment images for memory (default 256)")
     parser.add_argument("--dims", default=None, help="solve widths (default 64,128,256,512,1024,2048)")
-    parser.add_argument("--parts", default="fit,memory,solve", help="which measurements to run")
+    parser.add_argument("--parts", default="fit,memory,solve,large,polar,reuse", help="which measurements to run")
+    parser.add_argument("--large-size", type=int, default=None, help="alignment images of the large model (256)")
+    parser.add_argument("--polar-dims", default=None, help="polar factor widths (default 1024,2048,4096)")
+    parser.add_argument("--large-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one fit and exit")
     parser.add_argument("--output", default=None, help="results JSON (default benchmarks/results/cost[_DEVICE].json)")
     parser.add_argument("--docs-dir", default=None, help="where tables go (default docs/_generated/benchmarks)")
@@ -95,6 +111,12 @@ def parse_args(argv=None):
     args.memory_models = [int(n) for n in args.memory_models.split(",")]
     args.dims = [int(d) for d in args.dims.split(",")]
     args.parts = set(args.parts.split(","))
+    if args.large_size is None:
+        args.large_size = 32 if args.quick else 256
+    if args.polar_dims is None:
+        args.polar_dims = [128, 256] if args.quick else [1024, 2048, 4096]
+    else:
+        args.polar_dims = [int(d) for d in str(args.polar_dims).split(",")]
     suffix = "" if args.device == "cpu" else "_" + torch.device(args.device).type
     out_root = CACHE / "quick" if q else None
     args.output = Path(args.output) if args.output else (out_root or RESULTS) / f"cost{suffix}.json"
@@ -249,26 +271,31 @@ def memory_child(n: int, args) -> dict:
     stats_bytes = sum(t.numel() * t.element_size() for s in merger.statistics_
                       for t in list(s._means) + list(s._moments.values()))
     dims = [int(s.n_features_[0]) for s in merger.statistics_]
-    # What fit holds per model while it processes one batch: the inputs of
-    # every tapped module (float32), captured for all models at once.
-    captured = {}
-
-    def hook(_module, inputs):
-        captured[inputs[0].data_ptr()] = inputs[0]  # held, as fit holds them: no address reuse
-
-    hooks = [models[0].get_submodule(path).register_forward_pre_hook(hook)
-             for path in sorted({tap.module for space in merger.spaces_ for tap in space.taps})]
-    with torch.no_grad():
-        models[0](X[:args.batch_size])
-    for hook in hooks:
-        hook.remove()
     out = {"n_models": n, "baseline_mib": baseline, "peak_mib": peak, "fit_extra_mib": peak - baseline,
            "statistics_mib": stats_bytes / 2**20, "sum_d2": int(sum(d * d for d in dims)),
-           "captured_batch_mib": sum(t.numel() * t.element_size() for t in captured.values()) / 2**20,
+           "captured_batch_mib": _tapped_bytes(merger, models[0], X[:args.batch_size]) / 2**20,
            "n_spaces": len(dims), "fit_seconds": merger.timings_["total"], "peak_reset": reset}
     if args.device != "cpu":
         out["gpu_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - gpu_base) / 2**20
     return out
+
+
+def _tapped_bytes(merger, model, inputs) -> int:
+    """Bytes of the tensors the merger observes in one batch of one model."""
+    from skmerge.graph._find import analyze
+    from skmerge.graph._runner import GraphRunner, model_tensors
+
+    traced, spaces = analyze(model, inputs[:2])
+    seen = {}
+
+    class Sizes:
+        def observe(self, tensor, key):
+            seen[key] = tensor.numel() * tensor.element_size()
+
+    runner = GraphRunner(traced, [t.node for s in spaces for t in s.taps], model)
+    with torch.no_grad():
+        runner.run(model_tensors(model), (inputs,), Sizes())
+    return sum(seen.values())
 
 
 def measure_memory(args) -> list[dict]:
@@ -343,6 +370,177 @@ def measure_solve(args) -> list[dict]:
     return rows
 
 
+
+# --------------------------------------------------------------------------
+# 4. a large model: VGG11-BN in torchvision's layout
+
+
+VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+def vgg11_bn_torchvision(num_classes: int = 10, width: float = 1.0) -> torch.nn.Module:
+    """torchvision's ``vgg11_bn`` layout: 128.8 M parameters (width 1, 10 classes)."""
+    from torch import nn
+
+    layers, channels = [], 3
+    for v in VGG11:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            v = max(1, int(v * width))
+            layers += [nn.Conv2d(channels, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            channels = v
+    hidden = max(1, int(4096 * width))
+    return nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+                         nn.Linear(channels * 49, hidden), nn.ReLU(True), nn.Dropout(),
+                         nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
+                         nn.Linear(hidden, num_classes)).eval()
+
+
+def _transform_products(merger) -> list[tuple[int, int]]:
+    """``(d, columns)`` of every float32 product the weight transform of one model needs."""
+    from skmerge.graph._apply import slices_by_tensor
+    from skmerge.merge import _transform_of
+    from skmerge.graph._apply import normalize_transforms
+
+    state = merger.models[0].state_dict()
+    k = 1 - merger.reference
+    ops = normalize_transforms(merger.spaces_, [_transform_of(row[k]) for row in merger.aligners_])
+    products = []
+    for key, entries in slices_by_tensor(merger.spaces_, ops).items():
+        for sl, op, _, space in entries:
+            if op[0] == "pair":
+                products.append((space.dim, state[key].numel() // space.dim))
+    return products
+
+
+def large_child(args) -> dict:
+    """One fresh process: the fit of two large models, its bound, its peak memory."""
+    from skmerge._statistics_cache import clear_statistics_cache
+
+    torch.manual_seed(0)
+    models = [vgg11_bn_torchvision(width=1 / 16 if args.quick else 1.0) for _ in range(2)]
+    X = torch.randn(args.large_size, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model_mib = sum(p.numel() * p.element_size() for p in models[0].parameters()) / 2**20
+    with torch.no_grad():
+        models[0](X[:4])
+    gc.collect()
+    reset = _reset_peak()
+    baseline = _proc_status_mib("VmRSS") if reset else _maxrss_mib()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merger = ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device="cpu").fit(X)
+    peak = (_proc_status_mib("VmHWM") if reset else None) or _maxrss_mib()
+    stats_mib = sum(t.numel() * t.element_size() for st in merger.statistics_
+                    for t in list(st._means) + list(st._moments.values())) / 2**20
+    timings = dict(merger.timings_)
+    clear_statistics_cache()
+    del merger
+    gc.collect()
+    # the bound, measured now, with the same threads
+    forward, bn = forward_bound(models, X, args.batch_size, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merger = ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device="cpu",
+                             self_check=False).fit(X[:2 * args.batch_size])
+    dims = [s.dim for s in merger.spaces_]
+    svd = {}
+    for d in sorted(set(dims)):
+        m = torch.randn(d, d, generator=torch.Generator().manual_seed(d))
+        svd[d] = _timeit(lambda: torch.linalg.svd(m, full_matrices=False), 1, "cpu")
+    products = _transform_products(merger)
+    gemm = 0.0
+    for d, columns in products:
+        a = torch.randn(d, d)
+        b = torch.randn(d, min(columns, 1 << 22 // d) or 1)
+        scale = columns / b.shape[1]
+        gemm += scale * _timeit(lambda: a @ b, 1, "cpu")
+    svd_total = sum(svd[d] for d in dims)  # one per space and model (2 models: one is the reference)
+    bound = forward + svd_total + gemm + bn
+    return {"model_mib": model_mib, "n_parameters": sum(p.numel() for p in models[0].parameters()),
+            "baseline_mib": baseline, "fit_extra_mib": peak - baseline, "statistics_mib": stats_mib,
+            "timings": timings, "forward": forward, "bn_pass": bn, "svd": svd_total,
+            "transform_gemm": gemm, "bound": bound, "ratio": timings["total"] / bound,
+            "dims": dims, "n_samples": args.large_size, "peak_reset": reset}
+
+
+def measure_large(args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--large-child", "--threads", str(args.threads),
+           "--batch-size", str(args.batch_size), "--large-size", str(args.large_size)] + (
+               ["--quick"] if args.quick else [])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    t = row["timings"]
+    log(f"  large: fit {t['total']:.1f} s (stats {t['statistics']:.1f}, solve {t['solve']:.1f}, transform "
+        f"{t['transform']:.1f}, BN {t['reset_bn']:.1f}) vs bound {row['bound']:.1f} s; memory +"
+        f"{row['fit_extra_mib']:.0f} MiB for models of {row['model_mib']:.0f} MiB")
+    return row
+
+
+# --------------------------------------------------------------------------
+# 5. the polar factor of wide spaces
+
+
+def measure_polar(args) -> list[dict]:
+    rows = []
+    for d in args.polar_dims:
+        stats = _stats(d, torch.device("cpu"))
+        m = stats.covariance_xy()
+        row = {"d": d,
+               "svd64": _timeit(lambda: torch.linalg.svd(m, full_matrices=False), 1, "cpu"),
+               "svd32": _timeit(lambda: torch.linalg.svd(m.float(), full_matrices=False), 1, "cpu"),
+               "eigh64": _timeit(lambda: torch.linalg.eigh(m.T @ m), 1, "cpu")}
+        fitted = {}
+        for solver in ("double", "single"):
+            row[f"cca_{solver}"] = _timeit(
+                lambda: fitted.__setitem__(solver, CCAAligner(0.3, solver=solver).fit_from_stats(stats)),
+                1, "cpu")
+        a, b = fitted["double"].mapping_, fitted["single"].mapping_.double()
+        row["cca_single_error"] = float((a - b).norm() / a.norm())
+        rows.append(row)
+        log(f"  polar d={d}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "d"))
+        del stats
+    return rows
+
+
+# --------------------------------------------------------------------------
+# 6. statistics reused across a grid search
+
+
+def measure_reuse(args) -> dict:
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from skmerge import _statistics_cache
+
+    size = 128 if args.quick else 1024
+    models = make_models(2, args.width, args.device)
+    X = alignment_data(size, args.image_size, args.device)
+    y = np.arange(size) % 10
+    grid = {"aligner__regularization": [0.1, 0.3, 0.5, 0.9]}
+    out = {"n_samples": size, "candidates": len(grid["aligner__regularization"]), "folds": 2}
+    with warnings.catch_warnings():  # warm-up: the export of the architecture, libraries
+        warnings.simplefilter("ignore")
+        ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device=args.device).fit(X[:64])
+    for label, reuse in (("not_reused", False), ("reused", True)):
+        _statistics_cache.clear_statistics_cache()
+        original = _statistics_cache._Cache.get
+        if not reuse:
+            _statistics_cache._Cache.get = lambda self, key: None
+        try:
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                GridSearchCV(ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device=args.device),
+                             grid, cv=StratifiedKFold(2), refit=False).fit(X, y)
+            out[label] = time.perf_counter() - start
+        finally:
+            _statistics_cache._Cache.get = original
+    _statistics_cache.clear_statistics_cache()
+    out["speedup"] = out["not_reused"] / out["reused"]
+    log(f"  reuse: grid search {out['reused']:.1f} s with the statistics reused, {out['not_reused']:.1f} s without")
+    return out
+
 # --------------------------------------------------------------------------
 # output
 
@@ -391,6 +589,33 @@ def make_tables(results: dict) -> dict:
                      _ms(r["cca_fixed"]), _ms(r["eigh"]), _ms(r["svd"]), _ms(r["matmul"])])
     tables["solve"] = (["d", "Identity (ms)", "Permutation (ms)", "CCA auto (OAS) (ms)", "CCA r=0.1 (ms)",
                         "one eigh (ms)", "one SVD (ms)", "one matmul (ms)"], rows)
+    large = results.get("large")
+    if large:
+        t = large["timings"]
+        other = t["total"] - sum(t[k] for k in ("statistics", "solve", "transform", "reset_bn"))
+        tables["large"] = (["", "fit (s)", "its bound (s)", "fit / bound"], [
+            ["statistics vs forward passes", f"{t['statistics']:.1f}", f"{large['forward']:.1f}",
+             f"{t['statistics'] / large['forward']:.2f}"],
+            ["solve vs one float32 SVD per space and model", f"{t['solve']:.1f}", f"{large['svd']:.1f}",
+             f"{t['solve'] / large['svd']:.2f}"],
+            ["transform vs its float32 products", f"{t['transform']:.1f}", f"{large['transform_gemm']:.1f}",
+             f"{t['transform'] / large['transform_gemm']:.2f}"],
+            ["BatchNorm re-estimation vs one pass", f"{t['reset_bn']:.1f}", f"{large['bn_pass']:.1f}",
+             f"{t['reset_bn'] / large['bn_pass']:.2f}"],
+            ["other (finding the spaces, self-check)", f"{other:.1f}", "-", "-"],
+            ["total", f"{t['total']:.1f}", f"{large['bound']:.1f}", f"{large['ratio']:.2f}"],
+        ])
+    rows = [[r["d"], f"{r['svd64']:.2f}", f"{r['svd32']:.2f}", f"{r['eigh64']:.2f}", f"{r['cca_double']:.2f}",
+             f"{r['cca_single']:.2f}", f"{r['cca_single'] / r['svd32']:.2f}", f"{r['cca_single_error']:.1e}"]
+            for r in results.get("polar", [])]
+    tables["polar"] = (["d", "SVD float64 (s)", "SVD float32 (s)", "eigh of M^T M float64 (s)",
+                        "CCA solve float64 (s)", "CCA solve float32 (s)", "CCA float32 / SVD float32",
+                        "mapping difference (rel.)"], rows)
+    reuse = results.get("reuse")
+    if reuse:
+        tables["reuse"] = (["statistics", "GridSearchCV (s)"], [
+            ["reused (one pass per fold)", f"{reuse['reused']:.1f}"],
+            ["not reused (one pass per candidate and fold)", f"{reuse['not_reused']:.1f}"]])
     return tables
 
 
@@ -412,7 +637,10 @@ def write_outputs(results: dict, args) -> None:
     text = []
     titles = {"fit": "ModelMerger.fit vs the forward-pass lower bound (ResNet20, seconds, min over repeats)",
               "memory": "Peak memory of ModelMerger.fit vs number of models (fresh process each)",
-              "solve": "Solve time per (d, d) space (fit_from_stats, min over repeats)"}
+              "solve": "Solve time per (d, d) space (fit_from_stats, min over repeats)",
+              "large": "Two VGG11-BN (torchvision layout): the fit against its bound",
+              "polar": "The polar factor of wide spaces, CPU",
+              "reuse": "GridSearchCV over the regularization, statistics reused or not"}
     for key, (header, rows) in tables.items():
         if rows:
             write_text(args.docs_dir / f"{args.doc_prefix}_{key}.inc", rst_table(header, rows))
@@ -479,6 +707,31 @@ def headline(results: dict) -> str:
             f"{mem[-1]['captured_batch_mib']:.1f} MiB per model at batch size "
             f"{results['config']['batch_size']}, and their centered copies), the averaged weights and "
             f"allocator overhead.")
+    large = results.get("large")
+    if large:
+        t = large["timings"]
+        lines.append(
+            f"- **a large model:** two VGG11-BN in torchvision's layout "
+            f"({large['n_parameters'] / 1e6:.1f} M parameters, {large['model_mib']:.0f} MiB each in float32), "
+            f"{large['n_samples']} images: fit {t['total']:.1f} s against a bound of {large['bound']:.1f} s "
+            f"({large['ratio']:.2f}x; solve {t['solve']:.1f} s against {large['svd']:.1f} s of float32 SVDs, "
+            f"transform {t['transform']:.1f} s against {large['transform_gemm']:.1f} s of float32 products); "
+            f"peak extra memory {large['fit_extra_mib']:.0f} MiB = "
+            f"{(large['fit_extra_mib'] - large['statistics_mib']) / large['model_mib']:.2f} x one model + the "
+            f"statistics ({large['statistics_mib']:.0f} MiB).")
+    polar = results.get("polar", [])
+    if polar:
+        last = polar[-1]
+        lines.append(
+            f"- **wide spaces (d = {last['d']}):** the CCA solve takes {last['cca_single']:.1f} s in float32 "
+            f"({last['cca_single'] / last['svd32']:.2f}x one float32 SVD, {last['cca_double']:.1f} s in float64); "
+            f"the float32 mapping differs from the float64 one by {last['cca_single_error']:.0e} (relative).")
+    reuse = results.get("reuse")
+    if reuse:
+        lines.append(
+            f"- **reusing the statistics:** a grid search over {reuse['candidates']} regularizations with "
+            f"{reuse['folds']} folds took {reuse['reused']:.1f} s with one pass per fold and "
+            f"{reuse['not_reused']:.1f} s with one per candidate ({reuse['speedup']:.1f}x).")
     solve = results.get("solve", [])
     if solve:
         last = solve[-1]
@@ -511,6 +764,9 @@ def main(argv=None) -> dict | None:
     if args.memory_child is not None:
         print(json.dumps(memory_child(int(args.memory_child), args)))
         return None
+    if args.large_child:
+        print(json.dumps(large_child(args)))
+        return None
     if args.tables_only:
         results = read_json(args.output)
         write_outputs(results, args)
@@ -535,6 +791,15 @@ def main(argv=None) -> dict | None:
     if "solve" in args.parts:
         log("solve time per space")
         results["solve"] = measure_solve(args)
+    if "large" in args.parts:
+        log("a large model")
+        results["large"] = measure_large(args)
+    if "polar" in args.parts:
+        log("the polar factor of wide spaces")
+        results["polar"] = measure_polar(args)
+    if "reuse" in args.parts:
+        log("statistics reused across a grid search")
+        results["reuse"] = measure_reuse(args)
     results["wall_seconds"] = time.perf_counter() - start
     results["cpu_seconds"] = time.process_time()
     write_json(args.output, results)

@@ -86,7 +86,8 @@ class BatchObserver:
                         ident = (index, _reading(tap), _tensor_identity(tensor))
                         if ident not in seen:
                             seen.add(ident)
-                            entries.append((index, tap, observer.statistics[index]._batch()))
+                            entries.append((index, tap, observer.statistics[index]._batch(
+                                commit_when_complete=True)))
                     observer.observations[key, call] = entries
                 for index, tap, batch in observer.observations.get((key, call), ()):
                     try:

@@ -30,7 +30,7 @@ from sklearn.base import BaseEstimator
 from ._fisher import aligned_fisher, diagonal_fisher, fisher_average
 from ._regmean import input_grams, input_transform, regmean_layers, regmean_solve
 
-__all__ = ["Fisher", "RegMean", "resolve_combine"]
+__all__ = ["Fisher", "RegMean"]
 
 
 def resolve_combine(value):
@@ -59,7 +59,31 @@ def _on_cpu(value):
 
 
 class _Combination(BaseEstimator):
-    """Shared: statistics on the data (``fit_statistics``), then ``merged_state`` of the aligned models."""
+    """Shared: statistics on the data (``fit_statistics``), then ``merged_state`` of the aligned models.
+
+    The statistics are measured in every model's own basis, so they do not
+    depend on the aligner: a merger reuses them when only the aligner, the
+    weights or the parameters outside ``_statistics_params`` change.
+    """
+
+    #: the parameters the statistics depend on
+    _statistics_params: tuple = ()
+    #: the fitted statistics (attributes set by ``fit_statistics``)
+    _statistics_attrs: tuple = ()
+
+    def statistics_key(self) -> tuple:
+        """What the statistics depend on, besides the models and the data."""
+        return (type(self).__name__,) + tuple(getattr(self, name) for name in self._statistics_params)
+
+    def statistics(self) -> dict:
+        """The fitted statistics, by attribute name."""
+        return {name: getattr(self, name) for name in self._statistics_attrs}
+
+    def use_statistics(self, statistics: dict):
+        """Take statistics fitted before (by a combination of the same :meth:`statistics_key`)."""
+        for name, value in statistics.items():
+            setattr(self, name, value)
+        return self
 
     def __getstate__(self):
         # A combination fitted on a GPU loads on a CPU-only machine.
@@ -109,6 +133,9 @@ class Fisher(_Combination):
     with a warning, for models whose ops vmap cannot batch). The models must
     return ``(n_samples, n_classes)`` logits.
     """
+
+    _statistics_params = ("random_state",)
+    _statistics_attrs = ("fishers_",)
 
     def __init__(self, random_state: int = 0):
         self.random_state = random_state
@@ -185,6 +212,9 @@ class RegMean(_Combination):
     they are not the Gram matrix of what a layer multiplies. Directions that
     no model's inputs reach keep the weighted average of the layers.
     """
+
+    _statistics_params = ("max_features",)
+    _statistics_attrs = ("grams_", "layers_", "skipped_")
 
     def __init__(self, alpha: float = 0.9, max_features: int = 4096):
         self.alpha = alpha

@@ -22,11 +22,13 @@ from ._observe import BatchObserver, taps_by_key
 from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
 from ._model_checks import architecture_difference, check_model_tensors
 from ._prediction import MergedModelClassifierMixin
+from ._statistics_cache import combination_cache, data_key, statistics_cache
 from ._validation import check_device
 from .aligners import CCAAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
 from .combine import resolve_combine
 from .graph import AveragingFallbackWarning, Space, apply_transforms
+from .graph._apply import normalize_transforms, slices_by_tensor, transform_tensor
 from .graph._export import meta_copy
 from .graph._find import analyze
 from .graph._permute import verify_spaces
@@ -78,9 +80,11 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         and Conv layer is the least-squares fit of all aligned models'
         outputs from their inputs (RegMean, Jin et al., ICLR 2023;
         :class:`~skmerge.combine.RegMean`), the rest averaged. Both cost one
-        more pass over ``X`` per model (forward and backward for Fisher) and
-        combine with ``weights``. An instance sets their parameters
-        (``combine__alpha`` for GridSearchCV).
+        more pass over ``X`` per model (forward and backward for Fisher),
+        hold every aligned model's state at once while combining (uniform
+        averaging transforms and adds one tensor at a time) and combine with
+        ``weights``. An instance sets their parameters (``combine__alpha``
+        for GridSearchCV); their statistics are reused by :meth:`refit`.
     reset_bn : bool or "exact", default=True
         Re-estimate the merged model's BatchNorm running statistics on the
         alignment data (averaged statistics do not describe the merged model):
@@ -301,9 +305,16 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         # The models are read, never modified: no mode switch, no hook, no move.
         self.timings_ = {}
         batches, example = self._example_and_batches(loader, dtype)
+        if isinstance(batches, _Stream):
+            batches.key = data_key(X)
         self.spaces_, runner = self._spaces(models[reference], example)
         self.aligners_ = self._fit_aligners(models, reference, batches, dtype, runner)
-        self._fit_combination(models, loader, dtype)
+        self._fit_combination(models, loader, dtype, X)
+        return self._build(models, reference, loader, example, X, start)
+
+    def _build(self, models, reference, loader, example, X, start):
+        """Average the aligned models into ``merged_model_`` and re-estimate its statistics."""
+        repair = getattr(self, "repair", False)
         tick = time.perf_counter()
         # REPAIR needs the aligned states again: transform each model once.
         aligned = list(self._aligned_states(models)) if repair else None
@@ -337,7 +348,6 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         source = X if X is not None else getattr(self, "example_input", None)
         if isinstance(source, (torch.Tensor, np.ndarray)) and source.ndim == 2:
             self.n_features_in_ = int(source.shape[1])
-        self.__dict__.pop("classes_", None)
         if example is not None:
             self.classes_ = np.arange(self._n_outputs(merged_model, example))
         return self
@@ -351,16 +361,51 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             )
         resolve_combine(getattr(self, "combine", "uniform"))
 
-    def _fit_combination(self, models, loader, dtype) -> None:
-        """The statistics of a non-uniform ``combine`` (``combination_``), one more pass over the data."""
+    def _fit_combination(self, models, loader, dtype, X=None) -> None:
+        """The statistics of a non-uniform ``combine`` (``combination_``): one more pass over the data.
+
+        Reused, as the spaces' statistics are, when the same models see the
+        same array or tensor data again (``GridSearchCV`` over
+        ``combine__alpha`` or the aligner).
+        """
         self.__dict__.pop("combination_", None)
         combination = resolve_combine(getattr(self, "combine", "uniform"))
         if combination is None:
             return
         tick = time.perf_counter()
-        purpose = f"estimate the statistics of combine={type(combination).__name__}"
-        self.combination_ = clone(combination).fit_statistics(self, models, _reread(loader, purpose), dtype)
+        combination = clone(combination)
+        model_key, refs = combination_cache.model_key(models)
+        data = data_key(X)
+        key = None if data is None or is_distributed() else (
+            combination.statistics_key(), model_key, data, self._statistics_precision(dtype),
+            str(self.device_), self.batch_size)
+        cached = combination_cache.get(key) if key is not None else None
+        if cached is not None:
+            combination.use_statistics(cached)
+        else:
+            purpose = f"estimate the statistics of combine={type(combination).__name__}"
+            combination.fit_statistics(self, models, _reread(loader, purpose), dtype)
+            if key is not None:
+                combination_cache.put(key, refs, combination.statistics())
+        self.combination_ = combination
         self.timings_["combine"] = time.perf_counter() - tick
+
+    def _refit_combination(self, models, X, dtype) -> None:
+        """``combination_`` for :meth:`refit`: the last fit's statistics when they still apply, else ``X``'s."""
+        combination = resolve_combine(getattr(self, "combine", "uniform"))
+        previous = self.__dict__.pop("combination_", None)
+        if combination is None:
+            return
+        if previous is not None and previous.statistics_key() == combination.statistics_key():
+            self.combination_ = clone(combination).use_statistics(previous.statistics())
+            self.timings_["combine"] = 0.0
+            return
+        if X is None:
+            raise ValueError(
+                f"refit cannot use combine={self.combine!r} without data: the last fit did not "
+                f"measure its statistics ({type(combination).__name__} with these parameters). Pass X "
+                "to measure them on it, or call fit.")
+        self._fit_combination(models, as_loader(X, self.batch_size), dtype, X)
 
     def _check_pass_params(self) -> None:
         """The parameters of the statistics pass and the BatchNorm reset, shared by every merger."""
@@ -389,10 +434,74 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self.statistics_, self.n_samples_seen_ = self._accumulate(
             models, reference, batches, self.spaces_, dtype, runner)
         self.timings_["statistics"] = time.perf_counter() - tick
+        return self._resolve(len(models), reference)
+
+    def _resolve(self, n_models: int, reference: int) -> list[list]:
+        """The aligners fitted from ``statistics_`` (the step :meth:`refit` repeats)."""
         tick = time.perf_counter()
-        aligners = self._solve(self.spaces_, self.statistics_, len(models), reference)
+        aligners = self._solve(self.spaces_, self.statistics_, n_models, reference)
         self.timings_["solve"] = time.perf_counter() - tick
         return aligners
+
+    #: parameters that :meth:`refit` cannot change (the statistics depend on them)
+    _refit_frozen = frozenset({"models", "reference", "spaces", "precision", "device", "batch_size"})
+
+    def refit(self, X=None, **params):
+        """Solve the statistics of the last ``fit`` again with other parameters, without a pass.
+
+        The statistics (``statistics_``) do not depend on the aligner: changing
+        it, its parameters or the averaging ``weights`` only needs the solve
+        and the weight transform. (``fit`` on the same models and data reuses
+        the statistics too, which is what makes ``GridSearchCV`` over aligner
+        parameters cheap after the first candidate of each fold.)
+
+        Parameters
+        ----------
+        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader, optional
+            Data for the BatchNorm re-estimation (``reset_bn``) and REPAIR
+            (``repair``) of the new merged model; without it, BatchNorm layers
+            keep the averaged statistics (with a warning) and REPAIR cannot run.
+            A ``combine`` whose statistics the last fit did not measure (a
+            switch from ``"uniform"`` to ``"regmean"``, another Fisher
+            ``random_state``) measures them on ``X``, and needs it.
+        **params
+            New parameters, as for ``set_params`` (``aligner=``,
+            ``aligner__regularization=``, ``weights=``, ``reset_bn=``,
+            ``combine__alpha=``, ...). Parameters the statistics depend on
+            (``models``, ``reference``, ``spaces``, ``precision``, ``device``,
+            ``batch_size``) need ``fit``. The statistics of ``combine`` are
+            measured in each model's own basis: they are reused under any
+            aligner and weights.
+
+        Raises
+        ------
+        ValueError
+            If a parameter the statistics depend on changes, or ``combine``
+            needs statistics that were not measured and ``X`` is None.
+
+        Returns
+        -------
+        self : ModelMerger
+        """
+        check_is_fitted(self, "statistics_")
+        changed = sorted(k for k in params if k.split("__")[0] in self._refit_frozen)
+        if changed:
+            raise ValueError(f"refit cannot change {changed}: the statistics depend on them; call fit.")
+        self.set_params(**params)
+        start = time.perf_counter()
+        models = self._validated_models()
+        reference = self._validated_reference(len(models))
+        self.weights_ = self._validated_weights(len(models))
+        self._check_method_params()
+        if getattr(self, "repair", False) and X is None:
+            raise ValueError("repair=True needs data X: REPAIR measures activations.")
+        self.timings_ = {"statistics": 0.0}
+        dtype = _floating_dtype(models[reference])
+        self._refit_combination(models, X, dtype)
+        self.aligners_ = self._resolve(len(models), reference)
+        loader = as_loader(X, self.batch_size) if X is not None else None
+        example = _first_example(loader, self.device_, dtype)
+        return self._build(models, reference, loader, example, X, start)
 
     def _show_progress(self) -> bool:
         # Under torch.distributed only rank 0 draws progress bars.
@@ -432,8 +541,18 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         space's accumulator (the reference-free merger keeps all pairs).
         """
         precision = self._statistics_precision(dtype)
+        model_key, refs = statistics_cache.model_key(models)
+        data = getattr(batches, "key", None)
+        key = None if data is None or is_distributed() else (
+            statistics_type, model_key, data, reference, precision, str(self.device_), self.batch_size,
+            tuple((s.name, s.dim, tuple(getattr(t, "node", None) or t.module for t in s.taps)) for s in spaces))
+        cached = statistics_cache.get(key) if key is not None else None
+        if cached is not None:  # the same models on the same data: the pass is done already
+            return cached
         statistics = [statistics_type(len(models), reference=reference, precision=precision)
                       for _ in spaces]
+        for stats in statistics:
+            stats._accumulating = True  # nobody holds a snapshot yet: grow the comoments in place
         taps = taps_by_key(spaces)
         tensors = [_tensors_on(model, self.device_) for model in models]
         # The reference first, then the other models one at a time: a batch's
@@ -448,12 +567,16 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
                 observer.run(tensors[k], k, inputs)
             observer.commit()
             n_seen += len(inputs)
+        for stats in statistics:
+            del stats._accumulating
         if n_seen == 0:
             raise ValueError("The alignment data X is empty.")
         statistics = all_reduce_statistics(statistics)
         if is_distributed():
             n_seen = int(all_reduce_sum_(torch.tensor([n_seen], dtype=torch.int64,
                                                       device=self.device_)).item())
+        if key is not None:
+            statistics_cache.put(key, refs, (statistics, n_seen))
         return statistics, n_seen
 
     def _solve(self, spaces, statistics, n_models, reference):
@@ -517,12 +640,22 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         repair_(merged_model, aligned, weights, data, batch_size=self.batch_size,
                 device=self.device_, spaces=self.spaces_, verbose=self._show_progress())
 
+    def _transform_precision(self) -> str:
+        """Products with dense maps in float32 for float32 models (``precision``), else float64."""
+        if not hasattr(self, "precision"):  # mergers without statistics: permutations only
+            return "double"
+        return self._statistics_precision(_floating_dtype(self._validated_models()[0]))
+
+    def _operations(self, k: int) -> list:
+        return normalize_transforms(self.spaces_, [_transform_of(row[k]) for row in self.aligners_])
+
     def _aligned_states(self, models):
         """Yield each model's state_dict expressed in the reference's feature basis."""
+        precision = self._transform_precision()
         for k, model in enumerate(models):
             state = {key: value.to(self.device_) for key, value in model.state_dict().items()}
             transforms = [_transform_of(row[k]) for row in self.aligners_]
-            yield apply_transforms(state, self.spaces_, transforms)
+            yield apply_transforms(state, self.spaces_, transforms, precision=precision)
 
     def _merged_module(self, models, weights, reference: int, aligned_states=None) -> nn.Module:
         """The merged network (a module of the reference's architecture holding the averaged state)."""
@@ -537,22 +670,37 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         return self._uniform_state(models, weights, reference, aligned_states)
 
     def _uniform_state(self, models, weights, reference: int, aligned_states=None) -> dict:
-        """The weighted mean of the aligned states (computed from ``models`` when not given)."""
-        if aligned_states is None:
-            aligned_states = self._aligned_states(models)
-        merged = None
-        for weight, state in zip(weights, aligned_states):
-            weight = float(weight)
-            if merged is None:
-                merged = {key: _scaled(value, weight) for key, value in state.items()}
-            else:
-                for key, value in state.items():
-                    if value.is_floating_point():
-                        merged[key] += weight * value
-        # Integer buffers (e.g. num_batches_tracked) come from the reference.
-        for key, value in models[reference].state_dict().items():
-            if not value.is_floating_point():
+        """The weighted mean of the aligned states, one tensor at a time.
+
+        Each tensor of each model is transformed and added to the mean before
+        the next one is touched, so the extra memory is the merged state and
+        one tensor, not one aligned state per model.
+        """
+        if aligned_states is not None:
+            states = [dict(state) for state in aligned_states]
+            entries = [{} for _ in models]
+        else:
+            states = [model.state_dict() for model in models]
+            entries = [slices_by_tensor(self.spaces_, self._operations(k)) for k in range(len(models))]
+        precision = self._transform_precision()
+        merged = {}
+        for key, value in states[reference].items():
+            if not value.is_floating_point():  # integer buffers (num_batches_tracked): the reference's
                 merged[key] = value.to(self.device_, copy=True)
+                continue
+            total = None
+            for weight, state, todo in zip(weights, states, entries):
+                tensor = state[key].to(self.device_)
+                if key in todo:
+                    tensor = transform_tensor(tensor, todo[key], precision).mul_(float(weight))
+                else:
+                    tensor = tensor * float(weight)  # a new tensor, never the model's own
+                if total is None:
+                    total = tensor
+                else:
+                    total += tensor
+                del tensor
+            merged[key] = total
         return merged
 
     def aligned_state_dicts(self) -> list[dict]:
@@ -674,15 +822,15 @@ def _normalized_weights(weights, n_models: int) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _scaled(value: torch.Tensor, weight: float) -> torch.Tensor:
-    return weight * value if value.is_floating_point() else value.clone()
-
-
 class _Stream:
-    """Input batches read once, with their number when known (progress bars)."""
+    """Input batches read once, with their number when known (progress bars).
+
+    ``key`` identifies the data's content when it is an array or a tensor
+    (statistics of the same models on the same data are reused).
+    """
 
     def __init__(self, iterator, total):
-        self.iterator, self.total = iterator, total
+        self.iterator, self.total, self.key = iterator, total, None
 
     def __iter__(self):
         return self.iterator
@@ -708,18 +856,19 @@ def _floating_dtype(model: nn.Module) -> torch.dtype:
 def _module_with_state(model: nn.Module, state: dict, device: torch.device) -> nn.Module:
     """A new module of ``model``'s architecture on ``device`` holding ``state``, in eval mode.
 
-    Built from a structural copy (no copy of ``model``'s tensors): tied weights
-    stay tied, and buffers outside the state_dict are copied from ``model``.
+    Built from a structural copy holding the tensors of ``state`` themselves
+    (no copy): tied weights stay tied, buffers outside the state_dict are
+    copied from ``model``.
     """
-    new = meta_copy(model).to_empty(device=device)
+    new = meta_copy(model)
+    new.load_state_dict(state, assign=True)  # the merged tensors themselves, no copy
     _retie(new, model)
     persistent = set(state)
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name not in persistent:
-                new.get_buffer(name).copy_(buffer)
-    new.load_state_dict(state)
-    return new.eval()
+    for name, buffer in model.named_buffers():
+        if name not in persistent:  # non-persistent buffers (masks, position ids): the model's
+            owner, _, attr = name.rpartition(".")
+            new.get_submodule(owner).register_buffer(attr, buffer.to(device, copy=True), persistent=False)
+    return new.to(device).eval()
 
 
 def _retie(new: nn.Module, model: nn.Module) -> None:
@@ -733,6 +882,14 @@ def _retie(new: nn.Module, model: nn.Module) -> None:
         source_owner, _, source_attr = first[id(param)].rpartition(".")
         tied = getattr(new.get_submodule(source_owner), source_attr)
         setattr(new.get_submodule(owner), attr, tied)
+
+
+def _first_example(loader, device, dtype):
+    """The start of the first batch (None without data)."""
+    if loader is None:
+        return None
+    first = next(iter_inputs(loader, device, dtype), None)
+    return None if first is None else first[:2]
 
 
 def _reread(loader, purpose: str):

@@ -588,6 +588,9 @@ class ReferenceFreeMerger(ModelMerger):
         self.statistics_, self.n_samples_seen_ = self._accumulate_joint(
             models, reference, batches, self.spaces_, dtype, runner)
         self.timings_["statistics"] = time.perf_counter() - tick
+        return self._resolve(len(models), reference)
+
+    def _resolve(self, n_models: int, reference: int) -> list[list]:
         tick = time.perf_counter()
         weights = _target_weights(self.weights_)
         aligners, n_iter, converged = [], 0, True

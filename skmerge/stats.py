@@ -147,12 +147,14 @@ def _chan_merge(
     n_b: int,
     means_b: list[torch.Tensor],
     moments_b: dict[tuple[int, int], torch.Tensor],
+    inplace: bool = False,
 ) -> tuple[int, list[torch.Tensor], dict[tuple[int, int], torch.Tensor]]:
     """Chan et al.'s pairwise combination of two partial results.
 
     ``means_*[i]`` is the mean of view ``i``; ``moments_*[(i, j)]`` is the
     comoment (sum of centered products) of view ``i`` with view ``j``. Returns
-    new containers; the inputs are not modified.
+    new containers; the inputs are not modified, except the comoments of
+    ``a`` with ``inplace`` (no second copy of every comoment).
     """
     if n_a == 0:
         return n_b, list(means_b), dict(moments_b)
@@ -162,10 +164,14 @@ def _chan_merge(
     deltas = [mb - ma for ma, mb in zip(means_a, means_b)]
     means = [ma + d * (n_b / n) for ma, d in zip(means_a, deltas)]
     factor = n_a * n_b / n
-    moments = {  # M_a + M_b + factor * outer(delta_i, delta_j), two passes
-        (i, j): torch.addr(moments_a[i, j], deltas[i], deltas[j], alpha=factor).add_(moments_b[i, j])
-        for (i, j) in moments_a
-    }
+    if inplace:
+        moments = {(i, j): moments_a[i, j].addr_(deltas[i], deltas[j], alpha=factor).add_(moments_b[i, j])
+                   for (i, j) in moments_a}
+    else:
+        moments = {  # M_a + M_b + factor * outer(delta_i, delta_j), two passes
+            (i, j): torch.addr(moments_a[i, j], deltas[i], deltas[j], alpha=factor).add_(moments_b[i, j])
+            for (i, j) in moments_a
+        }
     return n, means, moments
 
 
@@ -264,13 +270,16 @@ class _ComomentAccumulator:
             # Establish shapes and device even for an empty first batch.
             self.n_samples_, self._means, self._moments = n_batch, means_b, moments_b
         else:
+            # A merger's own pass (``_accumulating``) holds no snapshot yet: the
+            # comoments grow in place instead of being copied at every batch.
             self.n_samples_, self._means, self._moments = _chan_merge(
-                self.n_samples_, self._means, self._moments, n_batch, means_b, moments_b
+                self.n_samples_, self._means, self._moments, n_batch, means_b, moments_b,
+                inplace=getattr(self, "_accumulating", False)
             )
 
-    def _batch(self) -> "_ViewByViewBatch":
+    def _batch(self, commit_when_complete: bool = False) -> "_ViewByViewBatch":
         """Start a batch whose views are given one at a time (see :class:`_ViewByViewBatch`)."""
-        return _ViewByViewBatch(self)
+        return _ViewByViewBatch(self, commit_when_complete)
 
     def _merged(self, other: "_ComomentAccumulator") -> "_ComomentAccumulator":
         if type(other) is not type(self) or self._pairs != other._pairs:
@@ -324,7 +333,7 @@ class _ComomentAccumulator:
         if self._means is None:
             raise ValueError(f"This {type(self).__name__} has no data yet; call update() first.")
 
-    def _covariance(self, i: int, j: int, ddof: int) -> torch.Tensor:
+    def _covariance(self, i: int, j: int, ddof: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         self._check_fitted()
         denominator = self.n_samples_ - ddof
         if denominator <= 0:
@@ -333,6 +342,8 @@ class _ComomentAccumulator:
                 f"got n_samples={self.n_samples_}."
             )
         moment = self._moments[i, j] if (i, j) in self._moments else self._moments[j, i].T
+        if dtype is not None and dtype != moment.dtype:
+            return moment.to(dtype).div_(denominator)  # one copy, in the asked precision
         return moment / denominator
 
     def to(self, device: torch.device | str) -> "_ComomentAccumulator":
@@ -385,8 +396,12 @@ class _ViewByViewBatch:
     accumulator, exactly as one ``update`` with all views would.
     """
 
-    def __init__(self, owner: _ComomentAccumulator) -> None:
+    def __init__(self, owner: _ComomentAccumulator, commit_when_complete: bool = False) -> None:
         self.owner = owner
+        # commit as soon as every view is given: its products are freed then, not
+        # when the batches of every other space are complete too
+        self.commit_when_complete = commit_when_complete
+        self.committed = False
         self.n_samples: int | None = None
         self.means: dict[int, torch.Tensor] = {}
         self.moments: dict[tuple[int, int], torch.Tensor] = {}
@@ -436,15 +451,21 @@ class _ViewByViewBatch:
         for view in list(self._kept):  # drop views no pending pair needs
             if not any(view in pair and not set(pair) <= given for pair in owner._pairs):
                 del self._kept[view]
+        if self.commit_when_complete and len(self.means) == owner._n_views:
+            self.commit()
 
     def commit(self) -> None:
-        """Add the batch to the accumulator (every view must have been given)."""
+        """Add the batch to the accumulator (every view must have been given); once."""
+        if self.committed:
+            return
         missing = sorted(set(range(self.owner._n_views)) - self.means.keys())
         if missing:
             raise ValueError(f"Views {missing} of this batch were never given.")
         means = [self.means[k] for k in range(self.owner._n_views)]
         self.owner._add_batch(self.n_samples, means, self.moments)
         self._kept.clear()
+        self.moments = {}
+        self.committed = True
 
 
 # --------------------------------------------------------------------------
@@ -611,27 +632,29 @@ class CrossCovariance(_ComomentAccumulator):
         }
         return new
 
-    def covariance_xx(self, ddof: int = 1) -> torch.Tensor:
+    def covariance_xx(self, ddof: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Covariance of ``X``, shape (p, p), float64.
 
         Parameters
         ----------
         ddof : int, default=1
             Delta degrees of freedom; the divisor is ``n_samples_ - ddof``.
+        dtype : torch.dtype, optional
+            Return it in this precision (the accumulation stays float64).
 
         Returns
         -------
         cov : torch.Tensor of shape (p, p)
         """
-        return self._covariance(0, 0, ddof)
+        return self._covariance(0, 0, ddof, dtype)
 
-    def covariance_yy(self, ddof: int = 1) -> torch.Tensor:
+    def covariance_yy(self, ddof: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Covariance of ``Y``, shape (q, q), float64. See :meth:`covariance_xx`."""
-        return self._covariance(1, 1, ddof)
+        return self._covariance(1, 1, ddof, dtype)
 
-    def covariance_xy(self, ddof: int = 1) -> torch.Tensor:
+    def covariance_xy(self, ddof: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Cross-covariance of ``X`` with ``Y``, shape (p, q), float64. See :meth:`covariance_xx`."""
-        return self._covariance(0, 1, ddof)
+        return self._covariance(0, 1, ddof, dtype)
 
 
 class _MultiViewAccumulator(_ComomentAccumulator):

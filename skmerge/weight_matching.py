@@ -349,6 +349,11 @@ class WeightMatchingMerger(ModelMerger):
         self.timings_["solve"] = time.perf_counter() - tick
         return aligners
 
+    def refit(self, X=None, **params):
+        """Not available: weight matching has no statistics to solve again; call ``fit``."""
+        raise TypeError("WeightMatchingMerger matches weights, not statistics: there is nothing to "
+                        "solve again; call fit with the new parameters.")
+
     def _example_and_batches(self, loader, dtype):
         """No statistics pass; the example is ``example_input``, else X's first batch."""
         if self.example_input is not None:

@@ -189,6 +189,10 @@ class ZipItMerger(ModelMerger):
     unmerge matrices; the merged model is their sum weighted by ``share_``
     per merged feature, not their plain mean. ``repair`` is not offered.
 
+    :meth:`refit` matches again from ``statistics_`` with other ``alpha``,
+    ``beta`` or ``weights``, without a pass over the data; ``stop_at``
+    decides which spaces have statistics and needs ``fit``.
+
     Examples
     --------
     >>> import torch
@@ -236,6 +240,9 @@ class ZipItMerger(ModelMerger):
         self.self_check = self_check
         self.precision = precision
         self.verbose = verbose
+
+    #: ``stop_at`` too: the statistics are those of the zipped spaces only
+    _refit_frozen = ModelMerger._refit_frozen | {"stop_at"}
 
     def fit(self, X, y=None):
         """Zip the models on ``X`` and build ``merged_model_``.
@@ -318,12 +325,18 @@ class ZipItMerger(ModelMerger):
             models, reference, batches, [spaces[i] for i in chosen], dtype, runner,
             statistics_type=JointCovariance)
         self.timings_["statistics"] = time.perf_counter() - tick
-        tick = time.perf_counter()
         self.statistics_ = [None] * len(spaces)
-        self.labels_ = [None] * len(spaces)
-        self.within_model_merges_ = [0] * len(spaces)
         for i, s in zip(chosen, stats):
             self.statistics_[i] = s
+        return self._resolve(n_models, reference)
+
+    def _resolve(self, n_models: int, reference: int) -> list[list]:
+        """The matching of the zipped spaces from ``statistics_`` (the step :meth:`refit` repeats)."""
+        tick = time.perf_counter()
+        spaces = self.spaces_
+        chosen = [i for i, s in enumerate(self.statistics_) if s is not None]
+        self.labels_ = [None] * len(spaces)
+        self.within_model_merges_ = [0] * len(spaces)
         orders = self._block_orders(spaces, self.statistics_, n_models, reference)
         progress = tqdm(chosen, desc="Zipping", disable=not self._show_progress(), leave=False)
         for i in progress:

@@ -683,8 +683,13 @@ def test_cca_factors_the_shared_reference_once_and_never_serves_stale_roots(monk
     from skmerge.stats import ReferenceCovariance
 
     calls = []
-    original = _cca._whitening
-    monkeypatch.setattr(_cca, "_whitening", lambda cov, r: calls.append(cov.shape) or original(cov, r))
+    original = _cca._Whitener.__init__
+
+    def counted(self, cov, r, dtype=torch.float64):
+        calls.append(cov.shape)
+        original(self, cov, r, dtype)
+
+    monkeypatch.setattr(_cca._Whitener, "__init__", counted)
     rng = np.random.default_rng(0)
     views = [rng.normal(size=(300, 6)) for _ in range(4)]
     stats = ReferenceCovariance(4, reference=0).update(views)
@@ -714,3 +719,30 @@ def test_sparse_y_and_meta_tensors_are_named(cls):
     meta = torch.empty(X.shape, device="meta")
     with pytest.raises(ValueError, match="X is on the meta device"):
         cls().fit(meta, meta)
+
+
+def test_single_precision_solve_matches_the_double_one_on_a_well_conditioned_space():
+    from skmerge.aligners import _cca
+    from skmerge.stats import CrossCovariance
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(2000, 300)) * np.linspace(0.5, 2.0, 300)
+    rotation, _ = np.linalg.qr(rng.normal(size=(300, 300)))
+    # correlated in every direction (float32 cannot resolve canonical correlations
+    # below ~1e-4 of the largest and treats them as zero)
+    y = X @ rotation + 0.3 * rng.normal(size=(2000, 300))
+    stats = CrossCovariance().update(torch.as_tensor(X), torch.as_tensor(y))
+    double = CCAAligner(solver="double").fit_from_stats(stats)
+    single = CCAAligner(solver="single").fit_from_stats(stats)
+    for name in ("mapping_", "inverse_mapping_"):
+        a, b = getattr(double, name), getattr(single, name)
+        assert b.dtype == torch.float32  # in the precision of the solve
+        assert float((a - b).norm() / a.norm()) < 1e-5
+    # auto: float32 only for wide, shrunk spaces on a CPU
+    cpu = torch.device("cpu")
+    assert _cca._solve_dtype("auto", 1024, 1024, 0.3, 0.3, cpu) == torch.float32
+    assert _cca._solve_dtype("auto", 512, 512, 0.3, 0.3, cpu) == torch.float64
+    assert _cca._solve_dtype("auto", 4096, 4096, 0.0, 0.3, cpu) == torch.float64
+    assert _cca._solve_dtype("auto", 4096, 4096, 0.3, 0.3, torch.device("cuda")) == torch.float64
+    with pytest.raises(ValueError, match="solver"):
+        CCAAligner(solver="fast").fit_from_stats(stats)

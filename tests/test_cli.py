@@ -221,7 +221,7 @@ def test_merge_options(capsys, trained, tmp_path):
                      "--out", tmp_path / "cca.pt", *FAST)
     assert code == 0
     meta = torch.load(tmp_path / "cca.pt", weights_only=True)["metadata"]
-    assert meta["aligner_params"] == {"regularization": 0.1}
+    assert meta["aligner_params"] == {"regularization": 0.1, "solver": "auto"}
 
 
 def test_bare_state_dicts_need_model(capsys, trained, tmp_path):

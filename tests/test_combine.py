@@ -277,6 +277,96 @@ def test_parameters_clone_persistence_and_merge_with_weights(tmp_path):
     assert not hasattr(uniform, "combination_")
 
 
+def _same_state(a, b):
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture
+def statistics_passes(monkeypatch):
+    """Counts the statistics passes of the combinations (Fisher and RegMean)."""
+    from skmerge._statistics_cache import clear_statistics_cache
+
+    count = [0]
+    for cls in (Fisher, RegMean):
+        original = cls.fit_statistics
+
+        def counted(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "fit_statistics", counted)
+    clear_statistics_cache()
+    yield count
+    clear_statistics_cache()
+
+
+@pytest.mark.parametrize("combine", [RegMean(alpha=0.5), Fisher()])
+def test_refit_reuses_the_statistics_of_combine_under_another_aligner(combine, statistics_passes):
+    from skmerge._statistics_cache import clear_statistics_cache
+
+    models = [_make("mlp", seed) for seed in range(3)]
+    x = _archs.inputs("mlp", 96, 0)
+    merger = _quiet(lambda: ModelMerger(models, PermutationAligner(), combine=clone(combine),
+                                        device="cpu").fit(x))
+    assert statistics_passes[0] == 1
+    params = {"aligner": CCAAligner(0.3), "weights": [0.5, 0.25, 0.25]}
+    if isinstance(combine, RegMean):
+        params["combine__alpha"] = 0.8  # not a parameter of the Gram matrices
+    _quiet(lambda: merger.refit(x, **params))
+    assert statistics_passes[0] == 1 and merger.timings_["combine"] == 0.0
+    assert merger.combination_.get_params() == merger.combine.get_params()
+    clear_statistics_cache()
+    expected = _quiet(lambda: ModelMerger(models, device="cpu", combine=clone(combine))
+                      .set_params(**params).fit(x))
+    assert statistics_passes[0] == 2
+    _same_state(expected.merged_model_, merger.merged_model_)
+    # back to uniform averaging: the combination goes
+    _quiet(lambda: merger.refit(x, combine="uniform"))
+    assert not hasattr(merger, "combination_")
+
+
+def test_refit_to_a_combine_without_statistics_needs_data(statistics_passes):
+    models = [_make("mlp", seed) for seed in range(2)]
+    x = _archs.inputs("mlp", 96, 0)
+    merger = _quiet(lambda: ModelMerger(models, PermutationAligner(), device="cpu").fit(x))
+    with pytest.raises(ValueError, match="refit cannot use combine='regmean' without data"):
+        merger.refit(combine="regmean")
+    _quiet(lambda: merger.refit(x, combine="regmean"))
+    assert statistics_passes[0] == 1 and isinstance(merger.combination_, RegMean)
+    direct = _quiet(lambda: ModelMerger(models, PermutationAligner(), combine="regmean",
+                                        device="cpu").fit(x))
+    _same_state(direct.merged_model_, merger.merged_model_)
+    # another Fisher seed is another estimate: measured again, on X
+    _quiet(lambda: merger.refit(x, combine=Fisher(random_state=0)))
+    _quiet(lambda: merger.refit(x, combine=Fisher(random_state=1)))
+    assert statistics_passes[0] == 3
+
+
+def test_grid_search_over_combine_measures_the_statistics_once_per_fold(statistics_passes):
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from skmerge._statistics_cache import clear_statistics_cache
+
+    models = [_make("mlp", seed) for seed in range(2)]
+    x, y = _archs.inputs("mlp", 120, 0), np.arange(120) % 5
+    grid = {"combine__alpha": [0.2, 0.6, 1.0]}
+    cv = StratifiedKFold(2)
+    search = _quiet(lambda: GridSearchCV(ModelMerger(models, CCAAligner(0.3), combine=RegMean(),
+                                                     device="cpu"), grid, cv=cv).fit(x, y))
+    assert statistics_passes[0] == 2 + 1  # one per fold, and the refit on all the data
+    uncached = []
+    for alpha in grid["combine__alpha"]:
+        scores = []
+        for train, test in cv.split(x, y):
+            clear_statistics_cache()
+            m = _quiet(lambda: ModelMerger(models, CCAAligner(0.3), combine=RegMean(alpha),
+                                           device="cpu").fit(x[train]))
+            scores.append(m.score(x[test], y[test]))
+        uncached.append(np.mean(scores))
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], uncached, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("combine, error, match", [
     ("median", ValueError, "combine must be"), (3, TypeError, "combine must be"),
     (RegMean(alpha=2.0), ValueError, "alpha"), (RegMean(max_features=0), ValueError, "max_features"),

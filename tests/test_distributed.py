@@ -177,6 +177,8 @@ def _loopback_env() -> dict:
             break
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
+    # the ranks import skmerge from this checkout, not from wherever it is installed
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
 

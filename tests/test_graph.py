@@ -1012,3 +1012,25 @@ def test_grouped_extraction_holds_the_same_samples_without_copying_conv_inputs(t
     torch.testing.assert_close(tap.extract(tensor), reference[:, tap.offset:tap.offset + tap.dim], rtol=0, atol=0)
     if tap.axis == 1:
         assert grouped.data_ptr() == tensor[:, tap.offset:].data_ptr()  # a view, no copy
+
+
+@pytest.mark.parametrize("chunk", [1 << 30, 64])
+def test_transforms_of_large_tensors_are_done_in_pieces_with_the_same_result(monkeypatch, chunk):
+    """Wide tensors are transformed a few rows or columns at a time; the result does not change."""
+    from skmerge.graph import _apply
+
+    monkeypatch.setattr(_apply, "_CHUNK", chunk)
+    torch.manual_seed(0)
+    head = torch.randn(10, 8 * 3, dtype=torch.float64)    # reads a flatten of (8, 3): k = 3
+    conv = torch.randn(8, 5, 3, 3, dtype=torch.float64)   # creates the space
+    reader = torch.randn(6, 8, 3, 3, dtype=torch.float64)  # a convolution reading it
+    space = Space(8, [ParamSlice("conv", 0, torch.arange(8))],
+                  [ParamSlice("head", 1, torch.arange(24).reshape(8, 3)), ParamSlice("reader", 1, torch.arange(8))],
+                  [Tap("x", 1)])
+    m = torch.randn(8, 8, dtype=torch.float64) + 3 * torch.eye(8, dtype=torch.float64)
+    inv = torch.linalg.inv(m)
+    out = apply_transforms({"head": head, "conv": conv, "reader": reader}, [space], [(m, inv)])
+    expected_head = (head.reshape(10, 8, 3).permute(0, 2, 1) @ inv.T).permute(0, 2, 1).reshape(10, 24)
+    _assert_close(out["head"], expected_head, 1e-12)
+    _assert_close(out["conv"], torch.einsum("ij,i...->j...", m, conv), 1e-12)
+    _assert_close(out["reader"], torch.einsum("ji,oi...->oj...", inv, reader), 1e-12)

@@ -276,6 +276,25 @@ def test_weights_and_merge_with_weights():
     assert isinstance(heads, MultiHeadModel) and heads.head_weights.tolist() == [1.0, 0.0]
 
 
+def test_refit_matches_again_without_a_pass():
+    from skmerge._statistics_cache import clear_statistics_cache
+
+    models = [_make("mlp", seed) for seed in range(2)]
+    x = _archs.inputs("mlp", 128, 0)
+    merger = _quiet(lambda: ZipItMerger(models, beta=0.0, device="cpu").fit(x))
+    statistics = merger.statistics_
+    _quiet(lambda: merger.refit(x, beta=1.0, alpha=0.1, weights=[1, 3]))
+    assert merger.statistics_ is statistics and merger.timings_["statistics"] == 0.0
+    clear_statistics_cache()
+    direct = _quiet(lambda: ZipItMerger(models, beta=1.0, alpha=0.1, weights=[1, 3], device="cpu").fit(x))
+    assert merger.within_model_merges_ == direct.within_model_merges_
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(merger.labels_, direct.labels_))
+    for key, value in direct.merged_model_.state_dict().items():
+        torch.testing.assert_close(merger.merged_model_.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="stop_at"):
+        merger.refit(x, stop_at=1)
+
+
 def test_inputs_are_never_modified_and_persistence(tmp_path):
     models = [_make("vgg", seed) for seed in range(2)]
     models[1].train()

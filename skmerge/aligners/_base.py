@@ -301,8 +301,9 @@ class BaseAligner(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
         Returns
         -------
         self : object
-            Fitted aligner; fitted attributes are float64 torch tensors on
-            ``stats.device``. ``stats_`` is a shallow copy of ``stats`` (no
+            Fitted aligner; fitted attributes are torch tensors on
+            ``stats.device``, float64 (float32 for the wide spaces that CCA and
+            Procrustes solve in single precision). ``stats_`` is a shallow copy of ``stats`` (no
             tensor is copied; later updates of ``stats`` do not affect it).
         """
         if not isinstance(stats, CrossCovariance):

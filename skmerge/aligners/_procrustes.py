@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from skmerge.aligners._base import BaseAligner
+from skmerge.aligners._cca import _solve_dtype
 from skmerge.stats import CrossCovariance
 
 __all__ = ["ProcrustesAligner"]
@@ -61,6 +62,11 @@ class ProcrustesAligner(BaseAligner):
         function when ``R`` is a permutation (or the layer after it is
         linear), since ``inverse_mapping_`` undoes ``mapping_``.
 
+    solver : {"auto", "double", "single"}, default="auto"
+        Precision of the SVD: ``"auto"`` uses float32 for spaces of at least
+        1024 features on CPUs (as :class:`~skmerge.aligners.CCAAligner`),
+        float64 otherwise.
+
     Attributes
     ----------
     mapping_ : ndarray or torch.Tensor of shape (p, q)
@@ -98,17 +104,21 @@ class ProcrustesAligner(BaseAligner):
     (True, 1.0)
     """
 
-    def __init__(self, scale: bool = True) -> None:
+    def __init__(self, scale: bool = True, solver: str = "auto") -> None:
         self.scale = scale
+        self.solver = solver
 
     def _check_params(self) -> None:
         if not isinstance(self.scale, (bool, np.bool_)):
             raise ValueError(f"scale must be True or False, got {self.scale!r}.")
+        if getattr(self, "solver", "auto") not in ("auto", "double", "single"):
+            raise ValueError(f'solver must be "auto", "double" or "single", got {self.solver!r}.')
 
     def _solve(self, stats: CrossCovariance) -> dict[str, Any]:
         p, q = stats.n_features_x, stats.n_features_y
         s_xy = stats.covariance_xy()
-        u, s, vh = torch.linalg.svd(s_xy, full_matrices=False)
+        dtype = _solve_dtype(getattr(self, "solver", "auto"), p, q, 1.0, 1.0, s_xy.device)
+        u, s, vh = torch.linalg.svd(s_xy.to(dtype), full_matrices=False)
         # Same numerical-rank rule as CCAAligner (so regularization=1 agrees).
         tolerance = max(p, q) * torch.finfo(s.dtype).eps * (s.max() if s.numel() else 0.0)
         keep = s > tolerance

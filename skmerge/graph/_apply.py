@@ -9,7 +9,8 @@ import torch
 
 from ._spaces import ParamSlice, Space
 
-__all__ = ["apply_transforms", "gather_slice", "permute_space_"]
+__all__ = ["apply_transforms", "gather_slice", "permute_space_", "transform_tensor", "slices_by_tensor",
+           "normalize_transforms", "work_dtype"]
 
 
 def _as_matrix(x) -> torch.Tensor | None:
@@ -36,7 +37,9 @@ def _normalize(transform, space: Space, i: int):
                     )
                 if not torch.isfinite(m).all():
                     raise ValueError(f"transforms[{i}]: {name} contains NaN or inf")
-            return ("pair", mats[0].to(torch.float64), mats[1].to(torch.float64))
+            # float32 maps (of wide spaces solved in float32) stay float32: half the memory
+            dtype = torch.float32 if all(m.dtype == torch.float32 for m in mats) else torch.float64
+            return ("pair", mats[0].to(dtype), mats[1].to(dtype))
     try:
         perm = torch.as_tensor(transform)
     except Exception:
@@ -121,40 +124,103 @@ def permute_space_(tensors: dict, space: Space, perm) -> None:
         _scatter_(view, sl, positions, g[torch.as_tensor(perm, dtype=torch.long, device=t.device)])
 
 
-def _is_whole_axis(t: torch.Tensor, sl: ParamSlice, positions: torch.Tensor, k: int) -> bool:
-    """Whether ``sl`` owns every position of its axis, in order (most slices)."""
-    n = t.shape[sl.axis]
-    return k == 1 and positions.numel() == n and torch.equal(
-        positions, torch.arange(n, device=positions.device))
+#: entries of the largest product output formed at once when transforming a tensor in place
+_CHUNK = 1 << 24
+
+
+def _is_whole_axis(view: torch.Tensor, sl: ParamSlice, positions: torch.Tensor) -> bool:
+    """Whether ``sl`` owns every position of its (possibly flattened) axis, in order.
+
+    Most slices do: the rows of a layer, the columns of the next one, the
+    ``H*W`` columns per channel of a Linear after a flatten.
+    """
+    n = view.shape[sl.axis]
+    return positions.numel() == n and torch.equal(positions, torch.arange(n, device=positions.device))
 
 
 def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
-    """Transform the positions of ``sl`` in ``t`` (float64, contiguous) in place."""
-    view, positions, _, k = _locate(t, sl)
-    if _is_whole_axis(t, sl, positions, k):
-        # The slice is the whole axis: transform a view of it and copy the
-        # result back, without gathering and scattering its positions.
-        g = t.movedim(sl.axis, 0)
-        g.copy_(_transformed(g, sl, op, role, t.device))
+    """Transform the positions of ``sl`` in ``t`` (contiguous, the work precision) in place."""
+    view, positions, d, k = _locate(t, sl)
+    if _is_whole_axis(view, sl, positions):
+        # The slice is the whole axis: transform a view of it, channel first,
+        # in place, without gathering and scattering.
+        g = view.movedim(sl.axis, 0)
+        g = g.reshape(d, k, *g.shape[1:]) if k > 1 else g
+        if op[0] == "perm" or g.numel() <= _CHUNK or view.ndim < 2:
+            g.copy_(_transformed(g, sl, op, role, t.device))
+            return
+        # a large tensor (a classifier after a flatten): a few rows or columns
+        # at a time along another axis, so that no product output is as large
+        # as the tensor (views only: every piece is written back in place)
+        other = max((a for a in range(view.ndim) if a != sl.axis), key=lambda a: view.shape[a])
+        step = max(1, _CHUNK * view.shape[other] // view.numel())
+        for start in range(0, view.shape[other], step):
+            part = view.narrow(other, start, min(step, view.shape[other] - start)).movedim(sl.axis, 0)
+            part = part.reshape(d, k, *part.shape[1:]) if k > 1 else part
+            part.copy_(_transformed(part, sl, op, role, t.device))
         return
     g = gather_slice(t, sl)  # channel, its k positions, everything else
     _scatter_(view, sl, positions, _transformed(g, sl, op, role, t.device))
 
 
 def _transformed(g: torch.Tensor, sl: ParamSlice, op, role: str, device) -> torch.Tensor:
-    """``g`` (channels first) in the new basis of its space."""
+    """``g`` (channels first) in the new basis of its space, in ``g``'s precision."""
     if op[0] == "perm":
         return g[op[1].to(device)]
     if role == "producers":
-        mapping = op[1].to(device)
+        mapping = op[1].to(device=device, dtype=g.dtype)
         # rows: P' = mapping^T P ; variances: v' = (mapping**2)^T v
         mat = mapping.square() if sl.variance else mapping
-        return torch.tensordot(mat.T, g, dims=1)
+        return (mat.T @ g.reshape(g.shape[0], -1)).reshape(g.shape)
     # columns: C' = C inverse^T, i.e. new channel j = sum_i inverse[j, i] old channel i
-    return torch.tensordot(op[2].to(device), g, dims=1)
+    inverse = op[2].to(device=device, dtype=g.dtype)
+    return (inverse @ g.reshape(g.shape[0], -1)).reshape(g.shape)
 
 
-def apply_transforms(state_dict: dict, spaces: Sequence[Space], transforms: Sequence) -> dict:
+def slices_by_tensor(spaces: Sequence[Space], ops: Sequence) -> dict:
+    """``{state_dict key: [(slice, op, role)]}`` for the spaces with a transform."""
+    by_key: dict = {}
+    for space, op in zip(spaces, ops):
+        if op is None:
+            continue
+        for role in ("producers", "consumers"):
+            for sl in getattr(space, role):
+                by_key.setdefault(sl.name, []).append((sl, op, role, space))
+    return by_key
+
+
+def normalize_transforms(spaces: Sequence[Space], transforms: Sequence) -> list:
+    """Check one transform per space; return the normalized operations (see :func:`apply_transforms`)."""
+    spaces, transforms = list(spaces), list(transforms)
+    if len(spaces) != len(transforms):
+        raise ValueError(f"got {len(transforms)} transforms for {len(spaces)} spaces")
+    return [_normalize(t, s, i) for i, (s, t) in enumerate(zip(spaces, transforms))]
+
+
+def work_dtype(dtype: torch.dtype, device: torch.device, precision: str = "double") -> torch.dtype:
+    """The precision a tensor is transformed in: float64, or float32 for float32 tensors when asked."""
+    if device.type == "mps":
+        return torch.float32  # MPS has no float64
+    if precision == "single" and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.float32
+    return torch.float64
+
+
+def transform_tensor(value: torch.Tensor, entries: list, precision: str = "double") -> torch.Tensor:
+    """A new tensor: ``value`` with every slice of ``entries`` transformed (dtype and device kept).
+
+    Permutations move entries by indexing (exact in any precision); dense
+    maps are matrix products in the work precision (:func:`work_dtype`).
+    """
+    device = value.device
+    work = value.detach().to(dtype=work_dtype(value.dtype, device, precision), copy=True).contiguous()
+    for sl, op, role, _ in entries:
+        _transform_slice(work, sl, op, role)
+    return work.to(dtype=value.dtype)
+
+
+def apply_transforms(state_dict: dict, spaces: Sequence[Space], transforms: Sequence,
+                     precision: str = "double") -> dict:
     """Transform a state_dict space by space.
 
     Convention: a model's features ``z`` (a row vector over a space's
@@ -176,13 +242,15 @@ def apply_transforms(state_dict: dict, spaces: Sequence[Space], transforms: Sequ
         permutation of length ``dim`` (LongTensor, array or list), or a pair
         ``(mapping, inverse_mapping)`` of ``(dim, dim)`` float matrices
         (tensors or arrays, on any device).
+    precision : {"double", "single"}, default="double"
+        Precision of the products with dense maps: float64, or float32 for
+        float32 (and half) tensors. Permutations are exact either way.
 
     Returns
     -------
     dict
         A new state_dict (same key order, ``_metadata`` kept) whose tensors are
-        new tensors with the original dtypes and devices. The arithmetic runs
-        in float64.
+        new tensors with the original dtypes and devices.
 
     Raises
     ------
@@ -198,30 +266,14 @@ def apply_transforms(state_dict: dict, spaces: Sequence[Space], transforms: Sequ
     applied does not matter. ``block_size`` is not enforced here: a
     transform that is not block-diagonal under GroupNorm changes the function.
     """
-    spaces, transforms = list(spaces), list(transforms)
-    if len(spaces) != len(transforms):
-        raise ValueError(f"got {len(transforms)} transforms for {len(spaces)} spaces")
-    ops = [_normalize(t, s, i) for i, (s, t) in enumerate(zip(spaces, transforms))]
-
-    work: dict[str, torch.Tensor] = {}
-    for space, op in zip(spaces, ops):
-        if op is None:
-            continue
-        for role in ("producers", "consumers"):
-            for sl in getattr(space, role):
-                if sl.name not in state_dict:
-                    raise KeyError(f"space {space.name!r}: {sl.name!r} is not in the state_dict")
-                if sl.name not in work:
-                    src = state_dict[sl.name]
-                    # float64 for exact permutations and accurate products; MPS has no float64
-                    device = torch.device("cpu") if src.device.type == "mps" else src.device
-                    work[sl.name] = src.detach().to(device=device, dtype=torch.float64, copy=True).contiguous()
-                _transform_slice(work[sl.name], sl, op, role)
-
+    by_key = slices_by_tensor(spaces, normalize_transforms(spaces, transforms))
+    for key, entries in by_key.items():
+        if key not in state_dict:
+            raise KeyError(f"space {entries[0][3].name!r}: {key!r} is not in the state_dict")
     out = OrderedDict()
     for key, value in state_dict.items():
-        if key in work:
-            out[key] = work[key].to(device=value.device, dtype=value.dtype)
+        if key in by_key:
+            out[key] = transform_tensor(value, by_key[key], precision)
         elif isinstance(value, torch.Tensor):
             out[key] = value.detach().clone()
         else:

@@ -107,7 +107,8 @@ def permute_model(model: nn.Module, example_input=None, spaces=None, seed=None):
 
 def _permuted_tensors(model: nn.Module, spaces, seed) -> dict:
     tensors = model_tensors(model)
-    state = apply_transforms(model.state_dict(), spaces, random_permutations(spaces, seed))
+    # permutations move entries by indexing: exact in the tensors' own precision
+    state = apply_transforms(model.state_dict(), spaces, random_permutations(spaces, seed), precision="single")
     return {name: state.get(name, t) for name, t in tensors.items()}
 
 
