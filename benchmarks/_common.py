@@ -217,6 +217,23 @@ def text_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out) + "\n"
 
 
+def write_tables(results: dict, tables: dict, docs_dir: Path, prefix: str) -> None:
+    """Write ``{prefix}_meta.inc`` (machine, command, wall time), ``{prefix}_tables.inc`` and ``.txt``.
+
+    ``tables`` maps a name to ``(title, header, rows)``; the text is also printed.
+    """
+    meta = (f"Machine: {machine_line(results['machine'])} Command: ``{results['command']}``; "
+            f"wall time {results['wall_seconds'] / 60:.1f} min.")
+    text, rst = [meta, ""], []
+    for title, head, rows in tables.values():
+        rst.append(rst_table(head, rows, title=title))
+        text += [title, "", text_table(head, rows), ""]
+    write_text(docs_dir / f"{prefix}_meta.inc", meta + "\n")
+    write_text(docs_dir / f"{prefix}_tables.inc", "\n".join(rst))
+    write_text(docs_dir / f"{prefix}_tables.txt", "\n".join(text))
+    print("\n".join(text))
+
+
 def pm(values, scale: float = 100.0, digits: int = 1) -> str:
     """``mean ± std`` of a list (std over model sets, ddof=0); ``mean`` alone for one value."""
     values = np.asarray([v for v in values if v is not None], dtype=float) * scale

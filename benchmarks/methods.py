@@ -15,7 +15,12 @@ same way) and merges 2 and 5 of them with:
 * :class:`~skmerge.reference_free.ReferenceFreeMerger` with Permutation and
   CCA;
 * :class:`~skmerge.coefficients.LearnedCoefficientMerger` on top of the CCA
-  merge (per-tensor coefficients).
+  merge (per-tensor coefficients);
+* Fisher-weighted averaging and RegMean after the Permutation and CCA
+  alignments (``ModelMerger(combine="fisher" / "regmean")``);
+* :class:`~skmerge.zipit.ZipItMerger` (ZipIt!), fully zipped and zipped up to
+  the middle feature space (``stop_at``: the later layers kept per model, a
+  multi-head model whose output averages the heads' logits).
 
 Alignment data, REPAIR statistics and the learned coefficients' training data
 are the same held-out *training* images (``n_align`` per family, as in
@@ -46,16 +51,17 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 
 import accuracy  # noqa: E402
-from _common import (CACHE, GENERATED, RESULTS, log, machine_info,  # noqa: E402
-                     machine_line, pm, read_json, rst_table, setup_torch, text_table, write_json,
-                     write_text)
+from _common import (CACHE, GENERATED, RESULTS, log, machine_info, pm, read_json,  # noqa: E402
+                     setup_torch, write_json, write_tables)
 from skmerge import (CCAAligner, IdentityAligner, ModelMerger, OptimalTransportAligner,  # noqa: E402
                      PermutationAligner, ProcrustesAligner)
 from skmerge.coefficients import LearnedCoefficientMerger  # noqa: E402
 from skmerge.hierarchical import hierarchical_merge  # noqa: E402
+from skmerge.graph import find_spaces  # noqa: E402
 from skmerge.reference_free import ReferenceFreeMerger  # noqa: E402
 from skmerge.training import predict_logits  # noqa: E402
 from skmerge.weight_matching import WeightMatchingMerger  # noqa: E402
+from skmerge.zipit import ZipItMerger  # noqa: E402
 
 FAMILIES = ["mlp", "vgg11-x0.25", "resnet20-x1"]
 QUICK_FAMILIES = ["mlp", "vgg11-x0.125"]
@@ -74,6 +80,12 @@ METHODS = [
     ("hierarchical_cca", "Hierarchical CCA"),
     ("reference_free_cca", "Reference-free CCA"),
     ("cca_learned", "CCA + learned coefficients"),
+    ("permutation_fisher", "Permutation + Fisher"),
+    ("permutation_regmean", "Permutation + RegMean"),
+    ("cca_fisher", "CCA + Fisher"),
+    ("cca_regmean", "CCA + RegMean"),
+    ("zipit", "ZipIt!"),
+    ("zipit_half", "ZipIt!, zipped up to the middle (multi-head)"),
 ]
 #: Methods merged once per reference for the 5-model sets.
 BY_REFERENCE = [("permutation", "Permutation"), ("cca", "CCA"),
@@ -134,6 +146,17 @@ def merge(key: str, models: list, X, y, args, reference: int = 0):
         merger = ModelMerger(models, CCAAligner(), **kwargs)
         learner = LearnedCoefficientMerger(merger, n_epochs=args.epochs, random_state=0)
         return learner.fit(X, y).merged_model_
+    for suffix in ("_fisher", "_regmean"):
+        if key.endswith(suffix):
+            aligner = aligners[key[:-len(suffix)]]
+            return ModelMerger(models, aligner, combine=suffix[1:], **kwargs).fit(X).merged_model_
+    if key == "zipit":
+        return ZipItMerger(models, **kwargs).fit(X).merged_model_
+    if key.startswith("zipit_beta"):
+        return ZipItMerger(models, beta=float(key[len("zipit_beta"):]), **kwargs).fit(X).merged_model_
+    if key == "zipit_half":
+        stop = len(find_spaces(models[0], X[:2])) // 2 - 1
+        return ZipItMerger(models, stop_at=max(stop, 0), **kwargs).fit(X).merged_model_
     raise ValueError(key)
 
 
@@ -213,17 +236,7 @@ def make_tables(results: dict) -> dict:
 
 
 def write_outputs(results: dict, args) -> None:
-    tables = make_tables(results)
-    meta = (f"Machine: {machine_line(results['machine'])} Command: ``{results['command']}``; "
-            f"wall time {results['wall_seconds'] / 60:.1f} min.")
-    text, rst = [meta, ""], []
-    for title, head, rows in tables.values():
-        rst.append(rst_table(head, rows, title=title))
-        text += [title, "", text_table(head, rows), ""]
-    write_text(args.docs_dir / "methods_meta.inc", meta + "\n")
-    write_text(args.docs_dir / "methods_tables.inc", "\n".join(rst))
-    write_text(args.docs_dir / "methods_tables.txt", "\n".join(text))
-    print("\n".join(text))
+    write_tables(results, make_tables(results), args.docs_dir, "methods")
 
 
 def main(argv=None) -> dict:

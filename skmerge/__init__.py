@@ -21,6 +21,7 @@ _LAZY = {
     "hierarchical_merge": "skmerge.hierarchical",
     "ReferenceFreeMerger": "skmerge.reference_free",
     "LearnedCoefficientMerger": "skmerge.coefficients",
+    "ZipItMerger": "skmerge.zipit",
     "find_spaces": "skmerge.graph",
     "permute_model": "skmerge.graph",
 }

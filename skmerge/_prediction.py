@@ -11,7 +11,7 @@ from ._batches import as_loader, check_dense_labels, iter_inputs, split_batch
 
 
 class MergedModelClassifierMixin:
-    """``predict_logits``, ``predict_proba``, ``predict`` and ``score`` of ``merged_model_``.
+    """``predict_logits``, ``predict_proba``, ``predict``, ``score`` and ``score_tasks`` of ``merged_model_``.
 
     The estimator provides ``merged_model_``, ``device_`` and ``batch_size``,
     and optionally ``n_features_in_`` and ``classes_``.
@@ -93,6 +93,32 @@ class MergedModelClassifierMixin:
         check_dense_labels(y)
         return float(accuracy_score(np.asarray(torch.as_tensor(y).cpu()), self.predict(X),
                                     sample_weight=sample_weight))
+
+    def score_tasks(self, X, tasks, y=None) -> dict:
+        """Joint and per-task accuracy of the merged model (models trained on different tasks).
+
+        Parameters
+        ----------
+        X : torch.Tensor, numpy.ndarray, Dataset or DataLoader
+            Inputs, or a dataset/loader of ``(x, y)`` batches when ``y`` is None.
+        tasks : sequence of sequence of int
+            The classes of every task, e.g. the ``classes`` of
+            :func:`skmerge.datasets.split_disjoint_classes`.
+        y : array-like of shape (n_samples,), optional
+            True labels; taken from the batches of ``X`` when None.
+
+        Returns
+        -------
+        dict
+            ``joint``, ``per_task``, ``task_mean`` and ``joint_per_task``, as
+            :func:`skmerge.tasks.task_accuracies` returns them.
+        """
+        from .tasks import task_accuracies
+
+        if y is None:
+            y = labels_of(as_loader(X, self.batch_size))
+        check_dense_labels(y)
+        return task_accuracies(self.predict_logits(X), np.asarray(torch.as_tensor(y).cpu()), tasks)
 
 
 def labels_of(loader) -> torch.Tensor:

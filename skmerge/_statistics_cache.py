@@ -9,7 +9,10 @@ new key), the content of the alignment data (tensors and arrays; loaders and
 datasets are not cached) and every setting the pass depends on. The entries
 hold weak references to the tensors they were computed from, so a key whose
 tensors were freed (and whose ids were reused) never matches. Two entries are
-kept; :func:`clear_statistics_cache` drops them.
+kept; :func:`clear_statistics_cache` drops them. The statistics of a
+``combine`` strategy (Fisher information, RegMean's Gram matrices; they do
+not depend on the aligner either) are kept the same way, in a cache of their
+own (``combination_cache``) so that they never evict the spaces' statistics.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import joblib
 import numpy as np
 import torch
 
-__all__ = ["statistics_cache", "clear_statistics_cache", "data_key"]
+__all__ = ["statistics_cache", "combination_cache", "clear_statistics_cache", "data_key"]
 
 _SIZE = 2
 
@@ -79,8 +82,10 @@ class _Cache:
 
 
 statistics_cache = _Cache()
+combination_cache = _Cache()
 
 
 def clear_statistics_cache() -> None:
-    """Forget the statistics kept for reuse (they are small: O(n_models d^2) per space)."""
+    """Forget the statistics kept for reuse (the spaces' are small: O(n_models d^2) per space)."""
     statistics_cache.clear()
+    combination_cache.clear()

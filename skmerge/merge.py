@@ -22,10 +22,11 @@ from ._observe import BatchObserver, taps_by_key
 from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
 from ._model_checks import architecture_difference, check_model_tensors
 from ._prediction import MergedModelClassifierMixin
-from ._statistics_cache import data_key, statistics_cache
+from ._statistics_cache import combination_cache, data_key, statistics_cache
 from ._validation import check_device
 from .aligners import CCAAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
+from .combine import resolve_combine
 from .graph import AveragingFallbackWarning, Space, apply_transforms
 from .graph._apply import normalize_transforms, slices_by_tensor, transform_tensor
 from .graph._export import meta_copy
@@ -70,6 +71,20 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     weights : array-like of shape (n_models,), optional
         Non-negative averaging weights (normalized to sum to one); uniform by
         default.
+    combine : {"uniform", "fisher", "regmean"} or skmerge.combine.Fisher or skmerge.combine.RegMean, default="uniform"
+        How the aligned models are combined. ``"uniform"``: their average
+        (with ``weights``). ``"fisher"``: Fisher-weighted averaging (Matena
+        and Raffel, NeurIPS 2022), every parameter entry weighted by each
+        model's diagonal Fisher information on ``X`` carried into the aligned
+        basis (:class:`~skmerge.combine.Fisher`). ``"regmean"``: every Linear
+        and Conv layer is the least-squares fit of all aligned models'
+        outputs from their inputs (RegMean, Jin et al., ICLR 2023;
+        :class:`~skmerge.combine.RegMean`), the rest averaged. Both cost one
+        more pass over ``X`` per model (forward and backward for Fisher),
+        hold every aligned model's state at once while combining (uniform
+        averaging transforms and adds one tensor at a time) and combine with
+        ``weights``. An instance sets their parameters (``combine__alpha``
+        for GridSearchCV); their statistics are reused by :meth:`refit`.
     reset_bn : bool or "exact", default=True
         Re-estimate the merged model's BatchNorm running statistics on the
         alignment data (averaged statistics do not describe the merged model):
@@ -140,8 +155,13 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         Device used.
     timings_ : dict
         Seconds spent in ``"statistics"`` (forward passes and accumulation),
-        ``"solve"``, ``"transform"`` (weights and averaging), ``"reset_bn"``,
-        ``"repair"`` (only with ``repair=True``) and ``"total"``.
+        ``"solve"``, ``"combine"`` (the Fisher or Gram statistics of
+        ``combine``, only when it is not uniform), ``"transform"`` (weights and
+        averaging), ``"reset_bn"``, ``"repair"`` (only with ``repair=True``)
+        and ``"total"``.
+    combination_ : skmerge.combine.Fisher or skmerge.combine.RegMean
+        The fitted combination, with its statistics (only when ``combine``
+        is not uniform).
 
     Examples
     --------
@@ -162,6 +182,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         aligner=CCAAligner(),
         reference: int = 0,
         weights=None,
+        combine="uniform",
         reset_bn: bool | str = True,
         repair: bool = False,
         batch_size: int = 128,
@@ -175,6 +196,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self.aligner = aligner
         self.reference = reference
         self.weights = weights
+        self.combine = combine
         self.reset_bn = reset_bn
         self.repair = repair
         self.batch_size = batch_size
@@ -274,6 +296,9 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         if repair and X is None:
             raise ValueError("repair=True needs data: REPAIR measures the activations of the merged "
                              "and the aligned models. Call fit(X), or pass repair=False.")
+        if X is None and resolve_combine(getattr(self, "combine", "uniform")) is not None:
+            raise ValueError(f"combine={self.combine!r} needs data (the Fisher information or the "
+                             "layers' input Gram matrices are measured on it): call fit(X).")
         self.device_ = self._resolved_device()
         loader = as_loader(X, self.batch_size) if X is not None else None
         dtype = _floating_dtype(models[reference])
@@ -284,6 +309,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             batches.key = data_key(X)
         self.spaces_, runner = self._spaces(models[reference], example)
         self.aligners_ = self._fit_aligners(models, reference, batches, dtype, runner)
+        self._fit_combination(models, loader, dtype, X)
         return self._build(models, reference, loader, example, X, start)
 
     def _build(self, models, reference, loader, example, X, start):
@@ -292,8 +318,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         tick = time.perf_counter()
         # REPAIR needs the aligned states again: transform each model once.
         aligned = list(self._aligned_states(models)) if repair else None
-        merged = self._averaged_state(models, self.weights_, reference, aligned)
-        merged_model = _module_with_state(models[reference], merged, self.device_)
+        merged_model = self._merged_module(models, self.weights_, reference, aligned)
         self.timings_["transform"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -329,14 +354,65 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
 
     # Steps that other mergers (weight matching) replace.
     def _check_method_params(self) -> None:
-        if self.reset_bn not in (True, False, "exact"):
-            raise ValueError(f'reset_bn must be True, False or "exact", got {self.reset_bn!r}.')
-        if self.precision not in ("auto", "single", "double"):
-            raise ValueError(f"precision must be 'auto', 'single' or 'double', got {self.precision!r}.")
+        self._check_pass_params()
         if not hasattr(self.aligner, "fit_from_stats"):
             raise TypeError(
                 f"aligner must be a skmerge aligner with fit_from_stats, got {type(self.aligner).__name__}."
             )
+        resolve_combine(getattr(self, "combine", "uniform"))
+
+    def _fit_combination(self, models, loader, dtype, X=None) -> None:
+        """The statistics of a non-uniform ``combine`` (``combination_``): one more pass over the data.
+
+        Reused, as the spaces' statistics are, when the same models see the
+        same array or tensor data again (``GridSearchCV`` over
+        ``combine__alpha`` or the aligner).
+        """
+        self.__dict__.pop("combination_", None)
+        combination = resolve_combine(getattr(self, "combine", "uniform"))
+        if combination is None:
+            return
+        tick = time.perf_counter()
+        combination = clone(combination)
+        model_key, refs = combination_cache.model_key(models)
+        data = data_key(X)
+        key = None if data is None or is_distributed() else (
+            combination.statistics_key(), model_key, data, self._statistics_precision(dtype),
+            str(self.device_), self.batch_size)
+        cached = combination_cache.get(key) if key is not None else None
+        if cached is not None:
+            combination.use_statistics(cached)
+        else:
+            purpose = f"estimate the statistics of combine={type(combination).__name__}"
+            combination.fit_statistics(self, models, _reread(loader, purpose), dtype)
+            if key is not None:
+                combination_cache.put(key, refs, combination.statistics())
+        self.combination_ = combination
+        self.timings_["combine"] = time.perf_counter() - tick
+
+    def _refit_combination(self, models, X, dtype) -> None:
+        """``combination_`` for :meth:`refit`: the last fit's statistics when they still apply, else ``X``'s."""
+        combination = resolve_combine(getattr(self, "combine", "uniform"))
+        previous = self.__dict__.pop("combination_", None)
+        if combination is None:
+            return
+        if previous is not None and previous.statistics_key() == combination.statistics_key():
+            self.combination_ = clone(combination).use_statistics(previous.statistics())
+            self.timings_["combine"] = 0.0
+            return
+        if X is None:
+            raise ValueError(
+                f"refit cannot use combine={self.combine!r} without data: the last fit did not "
+                f"measure its statistics ({type(combination).__name__} with these parameters). Pass X "
+                "to measure them on it, or call fit.")
+        self._fit_combination(models, as_loader(X, self.batch_size), dtype, X)
+
+    def _check_pass_params(self) -> None:
+        """The parameters of the statistics pass and the BatchNorm reset, shared by every merger."""
+        if self.reset_bn not in (True, False, "exact"):
+            raise ValueError(f'reset_bn must be True, False or "exact", got {self.reset_bn!r}.')
+        if self.precision not in ("auto", "single", "double"):
+            raise ValueError(f"precision must be 'auto', 'single' or 'double', got {self.precision!r}.")
 
     def _example_and_batches(self, loader, dtype):
         """The input batches of the statistics pass and the example that finds the spaces.
@@ -367,6 +443,9 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self.timings_["solve"] = time.perf_counter() - tick
         return aligners
 
+    #: parameters that :meth:`refit` cannot change (the statistics depend on them)
+    _refit_frozen = frozenset({"models", "reference", "spaces", "precision", "device", "batch_size"})
+
     def refit(self, X=None, **params):
         """Solve the statistics of the last ``fit`` again with other parameters, without a pass.
 
@@ -382,19 +461,30 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             Data for the BatchNorm re-estimation (``reset_bn``) and REPAIR
             (``repair``) of the new merged model; without it, BatchNorm layers
             keep the averaged statistics (with a warning) and REPAIR cannot run.
+            A ``combine`` whose statistics the last fit did not measure (a
+            switch from ``"uniform"`` to ``"regmean"``, another Fisher
+            ``random_state``) measures them on ``X``, and needs it.
         **params
             New parameters, as for ``set_params`` (``aligner=``,
-            ``aligner__regularization=``, ``weights=``, ``reset_bn=``, ...).
-            Parameters the statistics depend on (``models``, ``reference``,
-            ``spaces``, ``precision``, ``device``, ``batch_size``) need ``fit``.
+            ``aligner__regularization=``, ``weights=``, ``reset_bn=``,
+            ``combine__alpha=``, ...). Parameters the statistics depend on
+            (``models``, ``reference``, ``spaces``, ``precision``, ``device``,
+            ``batch_size``) need ``fit``. The statistics of ``combine`` are
+            measured in each model's own basis: they are reused under any
+            aligner and weights.
+
+        Raises
+        ------
+        ValueError
+            If a parameter the statistics depend on changes, or ``combine``
+            needs statistics that were not measured and ``X`` is None.
 
         Returns
         -------
         self : ModelMerger
         """
         check_is_fitted(self, "statistics_")
-        frozen = {"models", "reference", "spaces", "precision", "device", "batch_size"}
-        changed = sorted(k for k in params if k.split("__")[0] in frozen)
+        changed = sorted(k for k in params if k.split("__")[0] in self._refit_frozen)
         if changed:
             raise ValueError(f"refit cannot change {changed}: the statistics depend on them; call fit.")
         self.set_params(**params)
@@ -406,9 +496,11 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         if getattr(self, "repair", False) and X is None:
             raise ValueError("repair=True needs data X: REPAIR measures activations.")
         self.timings_ = {"statistics": 0.0}
+        dtype = _floating_dtype(models[reference])
+        self._refit_combination(models, X, dtype)
         self.aligners_ = self._resolve(len(models), reference)
         loader = as_loader(X, self.batch_size) if X is not None else None
-        example = _first_example(loader, self.device_, _floating_dtype(models[reference]))
+        example = _first_example(loader, self.device_, dtype)
         return self._build(models, reference, loader, example, X, start)
 
     def _show_progress(self) -> bool:
@@ -565,7 +657,19 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             transforms = [_transform_of(row[k]) for row in self.aligners_]
             yield apply_transforms(state, self.spaces_, transforms, precision=precision)
 
+    def _merged_module(self, models, weights, reference: int, aligned_states=None) -> nn.Module:
+        """The merged network (a module of the reference's architecture holding the averaged state)."""
+        state = self._averaged_state(models, weights, reference, aligned_states)
+        return _module_with_state(models[reference], state, self.device_)
+
     def _averaged_state(self, models, weights, reference: int, aligned_states=None) -> dict:
+        """The combined aligned states (``combine``; computed from ``models`` when not given)."""
+        combination = getattr(self, "combination_", None)
+        if combination is not None:
+            return combination.merged_state(self, models, weights, reference, aligned_states)
+        return self._uniform_state(models, weights, reference, aligned_states)
+
+    def _uniform_state(self, models, weights, reference: int, aligned_states=None) -> dict:
         """The weighted mean of the aligned states, one tensor at a time.
 
         Each tensor of each model is transformed and added to the mean before

@@ -396,6 +396,9 @@ class ReferenceFreeMerger(ModelMerger):
         Non-negative averaging weights (normalized); uniform by default. The
         targets average the other models with the same weights; when one
         model holds all the weight, the targets use uniform weights.
+    combine : {"uniform", "fisher", "regmean"} or instance, default="uniform"
+        How the models are combined in the common basis, as in
+        :class:`~skmerge.ModelMerger` (:mod:`skmerge.combine`).
     reset_bn : bool, default=True
         Re-estimate the merged model's BatchNorm statistics on ``X``.
     repair : bool, default=False
@@ -527,6 +530,7 @@ class ReferenceFreeMerger(ModelMerger):
         aligner=CCAAligner(),
         reference: int = 0,
         weights=None,
+        combine="uniform",
         reset_bn: bool = True,
         repair: bool = False,
         batch_size: int = 128,
@@ -540,9 +544,9 @@ class ReferenceFreeMerger(ModelMerger):
         init: str = "permutation",
     ):
         super().__init__(
-            models, aligner=aligner, reference=reference, weights=weights, reset_bn=reset_bn,
-            repair=repair, batch_size=batch_size, device=device, spaces=spaces, self_check=self_check,
-            precision=precision, verbose=verbose,
+            models, aligner=aligner, reference=reference, weights=weights, combine=combine,
+            reset_bn=reset_bn, repair=repair, batch_size=batch_size, device=device, spaces=spaces,
+            self_check=self_check, precision=precision, verbose=verbose,
         )
         self.max_iter = max_iter
         self.tol = tol

@@ -382,3 +382,33 @@ def tap_samples(model, space, inputs):
             for handle in handles:
                 handle.remove()
     return np.concatenate([c.numpy() for c in captured])
+
+
+class AnyWidthNet(nn.Module):
+    """Accepts any number of input features (and integer inputs), for scikit-learn's estimator checks."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool1d(4)
+        self.fc1 = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.pool(x.to(torch.float32).reshape(x.shape[0], 1, -1)).flatten(1)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def any_width_models(n: int = 2) -> list:
+    """``n`` seeded :class:`AnyWidthNet` models."""
+    torch.manual_seed(0)
+    return [AnyWidthNet() for _ in range(n)]
+
+
+def quiet(fn):
+    """``fn()`` with every warning silenced (small random data warns about small samples)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()

@@ -83,17 +83,19 @@ CASES = {
     "vgg_reset_bn_other_batches": (VGGBN, 0.0, "exact", (32, 50)),
     # the default two-pass estimate: its first pass normalizes with each batch's statistics
     "vgg_two_pass_other_batches": (VGGBN, 0.0, True, (32, 50)),
+    # RegMean's Gram matrices of the layer inputs are sums over every rank's shard
+    "vgg_regmean": (VGGBN, 0.0, False, (SHARDS[0], SHARDS[0]), "regmean"),
 }
 
 
 def _fit_case(name, rank=None, device="cpu"):
     """Fit one case on the full data (``rank=None``) or on one rank's shard."""
-    arch, offset, reset_bn, batch_sizes = CASES[name]
+    arch, offset, reset_bn, batch_sizes, *combine = CASES[name]
     data = _data(arch, offset)
     if rank is not None:
         data = _shard(data, rank)
     merger = ModelMerger(_models(arch), CCAAligner(), device=device, reset_bn=reset_bn,
-                         batch_size=batch_sizes[rank is None])
+                         batch_size=batch_sizes[rank is None], combine=(combine or ["uniform"])[0])
     merger.fit(data)
     return {
         "statistics": merger.statistics_,
@@ -175,6 +177,8 @@ def _loopback_env() -> dict:
             break
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
+    # the ranks import skmerge from this checkout, not from wherever it is installed
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
 

@@ -56,6 +56,26 @@ def test_headline_table_is_the_committed_results():
             assert bold == (column in MERGES and value == best), (family["label"], n, column)
 
 
+def test_disjoint_tasks_tables_are_the_committed_results():
+    """Every cell of the disjoint-tasks tables is the committed record it names."""
+    results = json.loads((ROOT / "benchmarks" / "results" / "disjoint_tasks.json").read_text())
+    text = (DOCS / "_generated" / "benchmarks" / "disjoint_tasks_tables.inc").read_text()
+    tables = [t for t in text.split(".. list-table::") if t.strip()]
+    assert len(tables) == len(results["families"])
+    for table, family in zip(tables, results["families"].values()):
+        title, (header, *rows) = parse_list_table(".. list-table::" + table)
+        assert title.startswith(family["label"])
+        ns = sorted({r["n_models"] for r in family["records"]})
+        assert header[1:-1] == [f"{n} tasks: {what} (%)" for n in ns for what in ("joint", "per-task")]
+        methods = list(dict.fromkeys(r["method"] for r in family["records"]))
+        assert len(rows) == len(methods)
+        for row, method in zip(rows, methods):
+            for i, n in enumerate(ns):
+                (record,) = [r for r in family["records"] if r["method"] == method and r["n_models"] == n]
+                assert row[1 + 2 * i] == f"{100 * record['joint']:.1f}", (family["label"], method, n)
+                assert row[2 + 2 * i] == f"{100 * record['task_mean']:.1f}", (family["label"], method, n)
+
+
 def test_benchmarks_page_opens_with_the_headline():
     text = (DOCS / "benchmarks.rst").read_text()
     table = text.index(".. include:: _generated/benchmarks/accuracy_headline.inc")

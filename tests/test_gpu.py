@@ -114,6 +114,27 @@ def test_cuda_merger_matches_cpu(arch, aligner):
     np.testing.assert_allclose(_logits(gpu, X[:64]), _logits(cpu, X[:64]), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("combine", ["fisher", "regmean"])
+def test_cuda_combinations_match_cpu(combine):
+    models, X = _models(VGGBN), _data(VGGBN)
+    cpu = ModelMerger(models, PermutationAligner(), combine=combine, device="cpu").fit(X)
+    gpu = ModelMerger(models, PermutationAligner(), combine=combine, device="cuda").fit(X)
+    np.testing.assert_allclose(_logits(gpu, X[:64]), _logits(cpu, X[:64]), rtol=1e-3, atol=1e-3)
+    assert all(p.device.type == "cpu" for m in models for p in m.parameters())
+
+
+@pytest.mark.parametrize("stop_at", [None, 0])
+def test_cuda_zipit_matches_cpu(stop_at):
+    from skmerge.zipit import ZipItMerger
+
+    models, X = [m.double() for m in _models(MLP)], _data(MLP).double()
+    cpu = ZipItMerger(models, stop_at=stop_at, device="cpu").fit(X)
+    gpu = ZipItMerger(models, stop_at=stop_at, device="cuda").fit(X)
+    for a, b in zip(gpu.labels_, cpu.labels_):
+        assert (a is None and b is None) or torch.equal(a, b)
+    np.testing.assert_allclose(_logits(gpu, X[:64]), _logits(cpu, X[:64]), rtol=1e-6, atol=1e-6)
+
+
 def test_fitted_aligners_keep_tensors_on_cuda():
     gpu = ModelMerger(_models(VGGBN), CCAAligner(), device="cuda").fit(_data(VGGBN))
     fitted = [a for row in gpu.aligners_ for a in row if a is not None]

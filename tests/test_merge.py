@@ -274,24 +274,8 @@ def test_real_merge_on_digits_beats_plain_averaging(digits_models):
 
 
 # ------------------------------------------------------ scikit-learn's own checks
-class _AnyWidthNet(nn.Module):
-    """A fixture model that accepts any number of input features (and integer inputs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool1d(4)
-        self.fc1 = nn.Linear(4, 8)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        x = self.pool(x.to(torch.float32).reshape(x.shape[0], 1, -1)).flatten(1)
-        return self.fc2(self.act(self.fc1(x)))
-
-
 def _fixture_models():
-    torch.manual_seed(0)
-    return [_AnyWidthNet(), _AnyWidthNet()]
+    return _archs.any_width_models(2)
 
 
 _EXPECTED_FAILED_CHECKS = {

@@ -425,24 +425,8 @@ def test_other_errors_and_edge_cases(monkeypatch):
     assert all(a is not None for a in blind.aligners_[1])
 
 
-class _AnyWidthNet(torch.nn.Module):
-    """Accepts any number of input features (and integer inputs), for scikit-learn's checks."""
-
-    def __init__(self):
-        super().__init__()
-        self.pool = torch.nn.AdaptiveAvgPool1d(4)
-        self.fc1 = torch.nn.Linear(4, 8)
-        self.act = torch.nn.ReLU()
-        self.fc2 = torch.nn.Linear(8, 3)
-
-    def forward(self, x):
-        x = self.pool(x.to(torch.float32).reshape(x.shape[0], 1, -1)).flatten(1)
-        return self.fc2(self.act(self.fc1(x)))
-
-
 def _any_width_models():
-    torch.manual_seed(0)
-    return [_AnyWidthNet() for _ in range(3)]
+    return _archs.any_width_models(3)
 
 
 # As for ModelMerger (tests/test_merge.py): torch modules do not hash deterministically,
