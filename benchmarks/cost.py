@@ -163,6 +163,10 @@ def forward_bound(models, X, batch_size: int, device) -> tuple[float, float]:
 
 
 def timed_fit(models, X, args, precision: str = "auto") -> dict:
+    """The timings of one fit with its statistics pass (the reuse of a previous pass is cleared)."""
+    from skmerge._statistics_cache import clear_statistics_cache
+
+    clear_statistics_cache()
     _sync(args.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -452,7 +456,7 @@ def large_child(args) -> dict:
     gemm = 0.0
     for d, columns in products:
         a = torch.randn(d, d)
-        b = torch.randn(d, min(columns, 1 << 22 // d) or 1)
+        b = torch.randn(d, min(columns, (1 << 22) // d) or 1)
         scale = columns / b.shape[1]
         gemm += scale * _timeit(lambda: a @ b, 1, "cpu")
     svd_total = sum(svd[d] for d in dims)  # one per space and model (2 models: one is the reference)

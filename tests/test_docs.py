@@ -128,3 +128,22 @@ def test_gallery_order_sorts_by_the_list_and_rejects_an_unlisted_example():
     assert [namespace["gallery_position"](name) for name in listed] == list(range(len(listed)))
     with pytest.raises(ValueError, match="not listed"):
         key(str(GALLERY / "plot_unknown.py"))
+
+
+def test_converged_tables_are_the_committed_results():
+    """The converged-models table: every cell is the mean of the committed per-set records."""
+    results = json.loads((ROOT / "benchmarks" / "results" / "converged.json").read_text())
+    text = (DOCS / "_generated" / "benchmarks" / "converged_tables.inc").read_text()
+    _, (header, *rows) = parse_list_table(text)
+    assert header[:7] == ["models", "merged", "base (mean)", "averaging", "taps", "permutation", "CCA (r=0.3)"]
+    checked = 0
+    for row in rows:
+        family = next(f for f in results["families"].values() if f["label"] == row[0])
+        size, taps = int(row[1].split()[0]), row[4].strip("`")
+        entries = [e for key, e in family["sets"].items() if len(key.split("+")) == size]
+        for column, key in ((5, "permutation"), (6, "cca_default"), (7, "cca_tuned")):
+            values = [100 * e[taps][key] for e in entries]
+            mean = f"{np.mean(values):.1f}"
+            assert row[column].split(" ±")[0] == mean, (row[0], size, taps, key)
+            checked += 1
+    assert checked == 3 * len(rows) > 0

@@ -1034,3 +1034,88 @@ def test_transforms_of_large_tensors_are_done_in_pieces_with_the_same_result(mon
     _assert_close(out["head"], expected_head, 1e-12)
     _assert_close(out["conv"], torch.einsum("ij,i...->j...", m, conv), 1e-12)
     _assert_close(out["reader"], torch.einsum("ji,oi...->oj...", inv, reader), 1e-12)
+
+
+# --------------------------------------------------------------------------
+# multiplicative per-channel parameters (norm weights, layer scale) under dense maps
+
+
+class _ConvBNConv(nn.Module):
+    """Linear in its input: conv -> BatchNorm (eval) -> conv; the BN scale is constant over channels."""
+
+    def __init__(self, channels=6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, 4, 1)
+        with torch.no_grad():
+            self.bn.weight.fill_(1.7)
+            self.bn.running_var.fill_(2.0)
+            self.bn.bias.normal_()
+            self.bn.running_mean.normal_()
+
+    def forward(self, x):
+        return self.conv2(self.bn(self.conv1(x)))
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.fc1 = nn.Linear(5, d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.3))
+        self.fc2 = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x) * self.gamma)
+
+
+def _orthogonal(d, seed):
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def test_norm_weights_and_layer_scales_are_marked_as_scales():
+    spaces = find_spaces(_ConvBNConv().eval(), torch.randn(2, 3, 5, 5))
+    kinds = {sl.name: (sl.scale, sl.variance) for s in spaces for sl in s.producers}
+    assert kinds["bn.weight"] == (True, False)
+    assert kinds["bn.running_var"] == (False, True)
+    assert kinds["bn.bias"] == kinds["bn.running_mean"] == kinds["conv1.weight"] == (False, False)
+    spaces = find_spaces(_LayerScale().eval(), torch.randn(2, 5))
+    kinds = {sl.name: sl.scale for s in spaces for sl in s.producers}
+    assert kinds == {"fc1.weight": False, "fc1.bias": False, "gamma": True}
+
+
+@pytest.mark.parametrize("make,shape", [(_ConvBNConv, (4, 3, 5, 5)), (_LayerScale, (4, 5))])
+def test_an_orthogonal_map_through_a_constant_scale_keeps_the_function(make, shape):
+    # A constant per-channel scale commutes with every map, so an orthogonal
+    # map (which also keeps a constant variance) must leave the function as it
+    # is. Treating the scale as a vector (M^T s) would not: its entries would
+    # become the column sums of M times s.
+    torch.manual_seed(0)
+    model = make().eval().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    spaces = find_spaces(model, x)
+    (space,) = spaces
+    q = _orthogonal(space.dim, 1)
+    state = apply_transforms(model.state_dict(), spaces, [(q, q.T)])
+    moved = copy.deepcopy(model)
+    moved.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(moved(x), model(x), rtol=1e-10, atol=1e-10)
+    scale = "bn.weight" if make is _ConvBNConv else "gamma"
+    torch.testing.assert_close(state[scale], model.state_dict()[scale])
+
+
+def test_a_scale_under_a_dense_map_is_the_diagonal_of_the_conjugated_scale():
+    model = _LayerScale().eval().double()
+    with torch.no_grad():
+        model.gamma.copy_(torch.linspace(0.5, 2.0, 6, dtype=torch.float64))
+    spaces = find_spaces(model, torch.randn(2, 5, dtype=torch.float64))
+    m = torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 3 * torch.eye(6)
+    inverse = torch.linalg.inv(m)
+    state = apply_transforms(model.state_dict(), spaces, [(m, inverse)])
+    expected = torch.diagonal(inverse @ torch.diag(model.gamma.detach()) @ m)
+    torch.testing.assert_close(state["gamma"], expected)
+    perm = torch.tensor([2, 0, 1, 5, 4, 3])
+    state = apply_transforms(model.state_dict(), spaces, [perm])
+    torch.testing.assert_close(state["gamma"], model.gamma.detach()[perm])

@@ -169,6 +169,9 @@ def _transformed(g: torch.Tensor, sl: ParamSlice, op, role: str, device) -> torc
         return g[op[1].to(device)]
     if role == "producers":
         mapping = op[1].to(device=device, dtype=g.dtype)
+        if sl.scale:  # s'_j = sum_i inverse[j, i] s_i mapping[i, j]: diag(M^-1 diag(s) M)
+            mat = op[2].to(device=device, dtype=g.dtype) * mapping.T
+            return (mat @ g.reshape(g.shape[0], -1)).reshape(mat.shape[0], *g.shape[1:])
         # rows: P' = mapping^T P ; variances: v' = (mapping**2)^T v
         mat = mapping.square() if sl.variance else mapping
         return (mat.T @ g.reshape(g.shape[0], -1)).reshape(g.shape)

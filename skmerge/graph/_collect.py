@@ -29,7 +29,10 @@ from ._walk import Records
 
 
 def _resolve_bindings(rec: Records):
-    """One (atom, role, variance) per parameter entry; repeated entries join their channels."""
+    """One (atom, role, kind) per parameter entry; repeated entries join their channels.
+
+    kind: 0 a vector entry, 1 a variance, 2 a scale (see ``ParamSlice``).
+    """
     by_key = defaultdict(list)
     for b in rec.bindings:
         by_key[(b.param, b.axis)].append(b)
@@ -38,7 +41,7 @@ def _resolve_bindings(rec: Records):
         pos = torch.cat([b.positions for b in items])
         atoms = torch.cat([b.atoms for b in items])
         roles = torch.cat([torch.full_like(b.positions, b.role) for b in items])
-        var = torch.cat([torch.full_like(b.positions, int(b.variance)) for b in items])
+        var = torch.cat([torch.full_like(b.positions, int(b.variance) + 2 * int(b.scale)) for b in items])
         order = torch.argsort(pos, stable=True)
         pos, atoms, roles, var = pos[order], atoms[order], roles[order], var[order]
         first = torch.ones_like(pos, dtype=torch.bool)
@@ -51,7 +54,7 @@ def _resolve_bindings(rec: Records):
             pairs = torch.stack([atoms[head[dup]], atoms[dup], roles[head[dup]] ^ roles[dup]], 1)
             for a, b, parity in torch.unique(pairs, dim=0).tolist():
                 rec.uf.union(a, b, parity)
-        resolved[key] = (pos[first], atoms[first], roles[first], var[first].bool())
+        resolved[key] = (pos[first], atoms[first], roles[first], var[first])
     return resolved
 
 
@@ -170,7 +173,7 @@ def _positions_per_channel(channels: torch.Tensor, positions: torch.Tensor, d: i
     return positions[order].reshape(d, int(counts[0]))
 
 
-def _slices(name: str, axis: int, index: torch.Tensor, shape: tuple, variance: bool, aliases) -> list:
+def _slices(name: str, axis: int, index: torch.Tensor, shape: tuple, kind: int, aliases) -> list:
     if axis < 0:  # flat positions over the whole tensor
         slice_axis, flat = 0, True
     elif index.shape[1] > 1:  # several rows per channel: their entries, over tensor.flatten(axis)
@@ -179,7 +182,8 @@ def _slices(name: str, axis: int, index: torch.Tensor, shape: tuple, variance: b
         slice_axis, flat = axis, True
     else:
         slice_axis, flat = axis, False
-    return [ParamSlice(alias, slice_axis, index, variance, flat) for alias in aliases.get(name, [name])]
+    return [ParamSlice(alias, slice_axis, index, kind == 1, flat, scale=kind == 2)
+            for alias in aliases.get(name, [name])]
 
 
 def collect(walker) -> list[Space]:
@@ -240,8 +244,8 @@ def collect(walker) -> list[Space]:
             meta = spaces_meta[s]
             d = len(meta["roots"])
             for role in (PRODUCER, CONSUMER):
-                for variance in (False, True):
-                    mask = (s_of == s) & (effective == role) & (var == variance)
+                for kind in (0, 1, 2):
+                    mask = (s_of == s) & (effective == role) & (var == kind)
                     if not bool(mask.any()):
                         continue
                     index = _positions_per_channel(channel_of[atoms[mask]], pos[mask], d)
@@ -251,7 +255,7 @@ def collect(walker) -> list[Space]:
                             f"entries of {name!r} (or some own none): skmerge cannot transform that "
                             "parameter consistently.")
                     target = producers if role == PRODUCER else consumers
-                    target[s].extend(_slices(name, axis, index, shapes.get(name, ()), variance,
+                    target[s].extend(_slices(name, axis, index, shapes.get(name, ()), kind,
                                              walker.t.aliases))
 
     taps = defaultdict(list)

@@ -102,6 +102,13 @@ class ParamSlice:
         (False). None decides as described above (flat when ``k > 1`` or an
         index points past the size of ``axis``); :func:`find_spaces` always
         says which.
+    scale : bool, default=False
+        True for multiplicative per-channel parameters (the weights of
+        BatchNorm, LayerNorm, GroupNorm, RMSNorm; a layer scale): under a
+        dense map ``M`` (inverse ``M^-1``) they become the diagonal of
+        ``M^-1 diag(s) M``, the per-channel scale closest to what the scale
+        does in the new basis. Exact for permutations and for constant
+        scales; treating them as vectors (``M^T s``) is exact for neither.
     """
 
     name: str
@@ -109,6 +116,7 @@ class ParamSlice:
     index: torch.Tensor
     variance: bool = False
     flat: bool | None = None
+    scale: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "index", _as_index(self.index))
@@ -128,16 +136,17 @@ class ParamSlice:
             self.name == other.name
             and self.axis == other.axis
             and self.variance == other.variance
+            and self.scale == other.scale
             and self.index.shape == other.index.shape
             and torch.equal(self.index, other.index)
             and (self.flat is None or other.flat is None or self.flat == other.flat)
         )
 
     def __hash__(self):
-        return hash((self.name, self.axis, self.variance, tuple(self.index.shape)))
+        return hash((self.name, self.axis, self.variance, self.scale, tuple(self.index.shape)))
 
     def __repr__(self):
-        var = ", variance" if self.variance else ""
+        var = ", variance" if self.variance else (", scale" if self.scale else "")
         return f"ParamSlice({self.name}{_index_text(self.index, self.axis)}{var})"
 
 

@@ -82,6 +82,7 @@ class Binding:
     atoms: torch.Tensor
     role: int
     variance: bool = False
+    scale: bool = False
 
 
 @dataclass
@@ -254,8 +255,11 @@ class Walker:
         return torch.arange(start, start + count, dtype=torch.long)
 
     def bind(self, param: str, axis: int, positions, atoms, role: int = PRODUCER,
-             variance: bool = False) -> None:
+             variance: bool = False, scale: bool = False) -> None:
         """Entries ``positions`` (along ``axis``; -1: flat positions) of ``param`` move with ``atoms``.
+
+        ``variance``: a variance-like buffer (squared map); ``scale``: a
+        multiplicative per-channel parameter (norm weights, layer scale).
 
         ``atoms`` may hold any labels: FIXED entries are recorded as untransformed,
         parameter labels make the two parameters' entries one channel.
@@ -273,7 +277,7 @@ class Walker:
             atoms = atoms.clone()
             atoms[params] = self._param_atoms(atoms[params])
         if positions.numel():
-            self.rec.bindings.append(Binding(param, axis, positions, atoms, role, variance))
+            self.rec.bindings.append(Binding(param, axis, positions, atoms, role, variance, scale))
 
     def _param_atoms(self, labels: torch.Tensor) -> torch.Tensor:
         """A channel for each parameter entry (created on first use)."""
@@ -326,7 +330,7 @@ class Walker:
         if bool(keep.any()):
             self.rec.links.append((atoms[keep], family_elements[keep]))
 
-    def unify(self, rows: torch.Tensor, constant: str | None = None) -> torch.Tensor:
+    def unify(self, rows: torch.Tensor, constant: str | None = None, scale: bool = False) -> torch.Tensor:
         """Make the labels of each row one channel; return one label per row.
 
         ``rows`` has shape ``(n, m)``. Feature channels of a row are joined,
@@ -334,7 +338,8 @@ class Walker:
         producers of the row's channel (or of a new channel when a row holds
         only parameter entries). ``constant`` names the op when a FIXED label
         comes from a constant tensor rather than the model's inputs: the
-        channels it fixes are then reported in a warning.
+        channels it fixes are then reported in a warning. ``scale``: the
+        parameter entries multiply the features (bound as scales).
         """
         if rows.ndim == 1:
             rows = rows[:, None]
@@ -375,7 +380,7 @@ class Walker:
             p = torch.tensor(pending_params, dtype=torch.long)
             a = torch.tensor(pending_atoms, dtype=torch.long)
             for name, mask, flat in self.params.decode(p):
-                self.bind(name, -1, flat, a[mask], PRODUCER)
+                self.bind(name, -1, flat, a[mask], PRODUCER, scale=scale)
         return result[inverse]
 
     def pair(self, a: torch.Tensor, b: torch.Tensor) -> None:

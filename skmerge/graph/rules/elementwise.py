@@ -6,7 +6,8 @@ addition joins the two branches, a gate joins its gated map). Operands that
 are broadcast along the channels do not constrain them: a per-sample scale,
 a mask over tokens, a scalar parameter. A parameter that varies along the
 channels (a layer scale, a positional embedding, a bias) becomes a producer of
-the channels it meets. A constant that varies along the channels fixes them
+the channels it meets; one that multiplies them (``mul``: a layer scale) is a
+scale (see ``ParamSlice.scale``). A constant that varies along the channels fixes them
 (reported in a warning: the merge falls back to averaging there).
 """
 
@@ -16,6 +17,14 @@ import torch
 
 from .._labels import Layout
 from ._registry import ops, rule
+
+#: ops whose parameter operands scale the features (``ParamSlice.scale``)
+_SCALING_OPS = set(ops("mul", "mul_"))
+
+
+def _op_name(node):
+    target = node.target
+    return getattr(target, "overloadpacket", target)
 
 
 def _in_output_coords(lay: Layout, shape: tuple, out_nd: int) -> tuple[tuple, tuple]:
@@ -72,7 +81,8 @@ def combine(w, node, operands, out_shape: tuple) -> Layout:
     else:
         grids = [_grid(lay, shape, out_shape, axes).reshape(-1) for lay, shape, _ in used]
         sizes = tuple(out_shape[a] for a in axes)
-        grid = w.unify(torch.stack(grids, 1), constant=constant).reshape(sizes)
+        scale = _op_name(node) in _SCALING_OPS
+        grid = w.unify(torch.stack(grids, 1), constant=constant, scale=scale).reshape(sizes)
     full_view = [1] * out_nd
     for i, a in enumerate(axes):
         full_view[a] = grid.shape[i]

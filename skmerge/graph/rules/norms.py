@@ -31,7 +31,7 @@ def _formed_here(w, node, inp) -> None:
         w.former(node)
 
 
-def _bind_per_channel(w, channels, *params, variance_last: bool = False) -> None:
+def _bind_per_channel(w, channels, *params, variance_last: bool = False, scale_first: bool = False) -> None:
     params = [p for p in params if p is not None]
     for i, arg in enumerate(params):
         ref = w.param(arg)
@@ -40,7 +40,8 @@ def _bind_per_channel(w, channels, *params, variance_last: bool = False) -> None
                 w.fail("a normalization parameter computed in the graph")
             continue
         variance = variance_last and i == len(params) - 1
-        w.bind(ref.name, ref.dims[0], torch.arange(channels.numel()), channels, PRODUCER, variance)
+        scale = scale_first and i == 0
+        w.bind(ref.name, ref.dims[0], torch.arange(channels.numel()), channels, PRODUCER, variance, scale)
 
 
 def _channelwise_norm(w, node, inp, weight, bias, mean, var, axis=1) -> Layout:
@@ -50,7 +51,7 @@ def _channelwise_norm(w, node, inp, weight, bias, mean, var, axis=1) -> Layout:
     channels = lay.grid(shape, (axis,)).reshape(-1)
     for arg, variance in ((weight, False), (bias, False), (mean, False), (var, True)):
         if arg is not None:
-            _bind_per_channel(w, channels, arg, variance_last=variance)
+            _bind_per_channel(w, channels, arg, variance_last=variance, scale_first=arg is weight)
     _formed_here(w, node, inp)
     return lay
 
@@ -84,6 +85,7 @@ def _layer_norm(w, node, inp, normalized_shape, weight, bias) -> Layout:
         if arg is None:
             continue
         ref = w.param(arg)
+        scale = arg is weight
         if ref is None:
             if not w.layout(arg).inert:
                 w.fail("a normalization parameter computed in the graph")
@@ -92,7 +94,7 @@ def _layer_norm(w, node, inp, normalized_shape, weight, bias) -> Layout:
             w.fail(f"a normalization weight of shape {ref.value_shape} for normalized shape "
                    f"{tuple(normalized_shape)}")
         positions = torch.arange(math.prod(ref.shape)).reshape(ref.shape).permute(ref.dims)
-        w.bind(ref.name, -1, positions.reshape(-1), grid.reshape(-1), PRODUCER)
+        w.bind(ref.name, -1, positions.reshape(-1), grid.reshape(-1), PRODUCER, scale=scale)
     _formed_here(w, node, inp)
     return lay
 
@@ -126,7 +128,7 @@ def _group_norm(w, node, inp, groups: int, weight, bias) -> Layout:
         family = w.new_family("groups", groups)
         w.link(channels, family.repeat_interleave(per))
     w.read(channels)
-    _bind_per_channel(w, channels, weight, bias)
+    _bind_per_channel(w, channels, weight, bias, scale_first=weight is not None)
     _formed_here(w, node, inp)
     return lay
 
