@@ -370,7 +370,7 @@ def measure_solve(args) -> list[dict]:
         row["matmul"] = _timeit(lambda: s @ m, repeats, device)
         rows.append(row)
         log(f"  solve d={d}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in row.items() if k != "d"))
-        del stats
+        stats = None  # free the d x d statistics before the next width
     return rows
 
 
@@ -504,7 +504,7 @@ def measure_polar(args) -> list[dict]:
         row["cca_single_error"] = float((a - b).norm() / a.norm())
         rows.append(row)
         log(f"  polar d={d}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "d"))
-        del stats
+        stats = None  # free the d x d statistics before the next width
     return rows
 
 
