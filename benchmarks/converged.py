@@ -165,13 +165,6 @@ def _pct(values) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
-def _runs(fam: dict) -> list:
-    """The commands that wrote a family's records (older results: one command)."""
-    if "runs" in fam:
-        return fam["runs"]
-    return [{"command": fam["command"], "wall_minutes": fam["wall_minutes"]}]
-
-
 def tables(results: dict) -> tuple[str, str]:
     meta = results["machine"]
     header = ["models", "merged", "base (mean)", "averaging", "taps", "permutation",
@@ -197,7 +190,7 @@ def tables(results: dict) -> tuple[str, str]:
     table = rst_table(header, rows, stub_columns=1)
     families = "; ".join(f"{fam['label']} (seeds {', '.join(map(str, fam['seeds']))}: "
                          f"{', '.join(f'{100 * b:.2f}' for b in fam['base'])} %; " +
-                         ", ".join(f"``{r['command']}`` {r['wall_minutes']:.0f} min" for r in _runs(fam)) + ")"
+                         ", ".join(f"``{r['command']}`` {r['wall_minutes']:.0f} min" for r in fam["runs"]) + ")"
                          for fam in results["families"].values())
     meta_text = (f"Base models: {families}. Alignment on {N_ALIGN:,} held-out training images, the "
                  f"regularization of the tuned CCA chosen from {', '.join(map(str, GRID))} on the other "
@@ -264,10 +257,8 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         run_family(family, args.taps, results["families"])
         fam = results["families"][family]
-        previous = _runs(fam) if ("runs" in fam or "command" in fam) else []
-        runs = [r for r in previous if r["command"] != command]
+        runs = [r for r in fam.get("runs", []) if r["command"] != command]
         fam["runs"] = runs + [{"command": command, "wall_minutes": (time.perf_counter() - start) / 60}]
-        fam.pop("command", None), fam.pop("wall_minutes", None)
         results["machine"] = machine_info()
         write_json(OUTPUT, results)
     write_tables(results)

@@ -148,7 +148,10 @@ def fisher_transform(transform):
     ``g' = g M`` for columns; the diagonal of the transformed (diagonal)
     Fisher is then ``F'_j = sum_i (M^-1)_ji^2 F_i`` for rows and
     ``F'_j = sum_i M_ij^2 F_i`` for columns: the Fisher's off-diagonal terms,
-    which a diagonal estimate does not have, are left out.
+    which a diagonal estimate does not have, are left out. Scale slices
+    (norm weights, ``ParamSlice.scale``), which move with ``S = M^-1 * M^T``
+    (elementwise), get ``F'_j = sum_i S_ji^2 F_i``: exact for permutations,
+    an approximation otherwise, like the rest.
     """
     if transform is None or isinstance(transform, torch.Tensor):
         return transform

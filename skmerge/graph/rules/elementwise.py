@@ -22,11 +22,6 @@ from ._registry import ops, rule
 _SCALING_OPS = set(ops("mul", "mul_"))
 
 
-def _op_name(node):
-    target = node.target
-    return getattr(target, "overloadpacket", target)
-
-
 def _in_output_coords(lay: Layout, shape: tuple, out_nd: int) -> tuple[tuple, tuple]:
     """Varying axes (and feature-varying axes) of an operand, counted on the output's axes."""
     offset = out_nd - len(shape)
@@ -81,7 +76,7 @@ def combine(w, node, operands, out_shape: tuple) -> Layout:
     else:
         grids = [_grid(lay, shape, out_shape, axes).reshape(-1) for lay, shape, _ in used]
         sizes = tuple(out_shape[a] for a in axes)
-        scale = _op_name(node) in _SCALING_OPS
+        scale = getattr(node.target, "overloadpacket", node.target) in _SCALING_OPS
         grid = w.unify(torch.stack(grids, 1), constant=constant, scale=scale).reshape(sizes)
     full_view = [1] * out_nd
     for i, a in enumerate(axes):

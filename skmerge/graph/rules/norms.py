@@ -31,17 +31,16 @@ def _formed_here(w, node, inp) -> None:
         w.former(node)
 
 
-def _bind_per_channel(w, channels, *params, variance_last: bool = False, scale_first: bool = False) -> None:
-    params = [p for p in params if p is not None]
-    for i, arg in enumerate(params):
-        ref = w.param(arg)
-        if ref is None:
-            if w.layout(arg) is not None and not w.layout(arg).inert:
-                w.fail("a normalization parameter computed in the graph")
-            continue
-        variance = variance_last and i == len(params) - 1
-        scale = scale_first and i == 0
-        w.bind(ref.name, ref.dims[0], torch.arange(channels.numel()), channels, PRODUCER, variance, scale)
+def _bind_per_channel(w, channels, arg, variance: bool = False, scale: bool = False) -> None:
+    """A norm's per-channel parameter or buffer ``arg`` (None: absent) moves with ``channels``."""
+    if arg is None:
+        return
+    ref = w.param(arg)
+    if ref is None:
+        if w.layout(arg) is not None and not w.layout(arg).inert:
+            w.fail("a normalization parameter computed in the graph")
+        return
+    w.bind(ref.name, ref.dims[0], torch.arange(channels.numel()), channels, PRODUCER, variance, scale)
 
 
 def _channelwise_norm(w, node, inp, weight, bias, mean, var, axis=1) -> Layout:
@@ -49,9 +48,10 @@ def _channelwise_norm(w, node, inp, weight, bias, mean, var, axis=1) -> Layout:
     axis = axis % len(shape)
     lay = w.collapse(w.layout(inp), shape, (axis,))
     channels = lay.grid(shape, (axis,)).reshape(-1)
-    for arg, variance in ((weight, False), (bias, False), (mean, False), (var, True)):
-        if arg is not None:
-            _bind_per_channel(w, channels, arg, variance_last=variance, scale_first=arg is weight)
+    _bind_per_channel(w, channels, weight, scale=True)
+    for arg in (bias, mean):
+        _bind_per_channel(w, channels, arg)
+    _bind_per_channel(w, channels, var, variance=True)
     _formed_here(w, node, inp)
     return lay
 
@@ -128,7 +128,8 @@ def _group_norm(w, node, inp, groups: int, weight, bias) -> Layout:
         family = w.new_family("groups", groups)
         w.link(channels, family.repeat_interleave(per))
     w.read(channels)
-    _bind_per_channel(w, channels, weight, bias, scale_first=weight is not None)
+    _bind_per_channel(w, channels, weight, scale=True)
+    _bind_per_channel(w, channels, bias)
     _formed_here(w, node, inp)
     return lay
 
