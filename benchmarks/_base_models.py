@@ -55,6 +55,8 @@ class BaseFamily:
     kwargs: dict
     epochs: int
     lr: float
+    #: keywords of ``RECIPE`` this family trains with instead (e.g. its optimizer)
+    recipe: dict | None = None
 
 
 #: Training recipe shared by every family (``skmerge.training.train_model``
@@ -80,6 +82,11 @@ FAMILIES = {
                                  {"width": 0.25, "batch_norm": True}, epochs=12, lr=0.1),
     "resnet20-x1": BaseFamily("ResNet20 x1", "resnet20", {"width": 1}, epochs=8, lr=0.1),
     "resnet20-x2": BaseFamily("ResNet20 x2", "resnet20", {"width": 2}, epochs=4, lr=0.1),
+    # skmerge.models.ViT: 7x7 patches of 4x4 pixels and a class token, 4 pre-norm blocks of
+    # width 64 with 4 heads; AdamW, as vision transformers are trained.
+    "vit-x1": BaseFamily("ViT x1", "vit", {"patch_size": 4}, epochs=15, lr=2e-3,
+                         recipe={"optimizer": "adamw", "weight_decay": 0.05, "momentum": None,
+                                 "nesterov": None, "betas": [0.9, 0.999]}),
 }
 
 
@@ -93,6 +100,20 @@ def checkpoint_path(family: str, seed: int, models_dir: Path = MODELS_DIR) -> Pa
     """Where the checkpoint of one base model lives."""
     _family(family)
     return Path(models_dir) / family / f"seed{int(seed)}.pt"
+
+
+def available_seeds(family: str, models_dir: Path = MODELS_DIR) -> list[int]:
+    """The seeds of a family whose checkpoint exists."""
+    return sorted(int(p.stem[4:]) for p in (Path(models_dir) / family).glob("seed*.pt"))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: TensorDataset, batch: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on a ``(images, labels)`` TensorDataset."""
+    x, y = dataset.tensors
+    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+                  for i in range(0, len(x), batch))
+    return correct / len(x)
 
 
 def _family(family: str) -> BaseFamily:

@@ -141,7 +141,7 @@ def recipe_of(name: str, args) -> dict:
     """Everything that decides how one family's models are trained."""
     spec = FAMILIES[name]
     recipe = dict(RECIPE, epochs=args.epochs or spec.epochs, lr=spec.lr,
-                  augment=args.augment_value)
+                  augment=args.augment_value, **(spec.recipe or {}))
     return recipe
 
 
@@ -156,7 +156,7 @@ def train_one(name: str, seed: int, recipe: dict, data: dict, verbose: bool = Tr
     wall, cpu = time.perf_counter(), time.process_time()
     (model,) = train_models(
         lambda: _build(name), data["train"], 1, seeds=[seed], epochs=recipe["epochs"],
-        batch_size=recipe["batch_size"], lr=recipe["lr"], optimizer="sgd",
+        batch_size=recipe["batch_size"], lr=recipe["lr"], optimizer=recipe["optimizer"],
         weight_decay=recipe["weight_decay"], schedule=recipe["schedule"],
         augment=recipe["augment"], label_smoothing=recipe["label_smoothing"], verbose=verbose)
     return model, time.perf_counter() - wall, time.process_time() - cpu

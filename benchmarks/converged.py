@@ -43,10 +43,9 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from _base_models import FAMILIES, MODELS_DIR, load_base_models  # noqa: E402
+from _base_models import FAMILIES, accuracy, available_seeds, load_base_models  # noqa: E402
 from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, rst_table,  # noqa: E402
                      setup_torch, write_json, write_text)
 from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
@@ -71,18 +70,6 @@ def parse_args(argv=None):
     if unknown := [t for t in args.taps if t not in TAPS]:
         parser.error(f"unknown taps {unknown}")
     return args
-
-
-def available_seeds(family: str) -> list[int]:
-    return sorted(int(p.stem[4:]) for p in (MODELS_DIR / family).glob("seed*.pt"))
-
-
-@torch.no_grad()
-def accuracy(model, dataset: TensorDataset, batch: int = 1000) -> float:
-    x, y = dataset.tensors
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-                  for i in range(0, len(x), batch))
-    return correct / len(x)
 
 
 def _head(dataset: TensorDataset, start: int, stop: int) -> TensorDataset:

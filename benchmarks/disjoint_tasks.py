@@ -166,8 +166,71 @@ def make_tables(results: dict) -> dict:
     return tables
 
 
+MERGES = [k for k, _ in METHODS]
+ZIPIT = ("zipit", "zipit_half")
+
+
+def _settings(results: dict):
+    """``(label, n, {method: record})`` per family and number of tasks."""
+    for fam in results["families"].values():
+        for n in sorted({r["n_models"] for r in fam["records"]}):
+            yield fam["label"], n, {r["method"]: r for r in fam["records"] if r["n_models"] == n}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f} %"
+
+
+def _changes(settings, base: str, option: str, what: str) -> tuple[int, list]:
+    """How often ``option`` beats ``base`` on ``what``, and every change in words."""
+    better, changes = 0, []
+    for label, n, rec in settings:
+        if base in rec and option in rec:
+            a, b = rec[base][what], rec[option][what]
+            better += b > a
+            changes.append(f"{label} {n} tasks {100 * a:.1f} to {100 * b:.1f}")
+    return better, changes
+
+
+def findings(results: dict) -> str:
+    """What the tables show, in words computed from the results (written to ``*_findings.inc``)."""
+    settings = list(_settings(results))
+    lines = ["What these runs show (generated from the results; one class split and one trained model "
+             "per task, so differences of a few points are within what another split or seed could "
+             "change):", ""]
+    best_zipit = 0
+    for label, n, rec in settings:
+        merges = {k: rec[k] for k in MERGES if k in rec}
+        joint = max(merges, key=lambda k: merges[k]["joint"])
+        task = max(merges, key=lambda k: merges[k]["task_mean"])
+        best_zipit += joint in ZIPIT
+        ensemble = rec["ensemble"]["joint"]
+        reach = "above" if merges[joint]["joint"] > ensemble else "below"
+        lines.append(f"* {label}, {n} tasks: best joint accuracy {LABELS[joint]} "
+                     f"{_pct(merges[joint]['joint'])} ({reach} the ensemble's {_pct(ensemble)}); best "
+                     f"per-task accuracy {LABELS[task]} {_pct(merges[task]['task_mean'])} (the models "
+                     f"alone: {_pct(rec['base']['task_mean'])}).")
+    lines.append(f"* ZipIt! (full or zipped up to the middle) has the best joint accuracy of the merges "
+                 f"in {best_zipit} of the {len(settings)} settings.")
+    better, changes = _changes(settings, "zipit_beta0.125", "zipit", "joint")
+    lines.append(f"* ``beta=1`` (skmerge's default) against ``beta=0.125`` (the reference "
+                 f"implementation's), joint accuracy: better in {better} of {len(changes)} settings "
+                 f"({'; '.join(changes)}).")
+    for option, name in (("fisher", "Fisher weighting"), ("regmean", "RegMean")):
+        for base in ("permutation", "cca"):
+            for what, word in (("joint", "joint"), ("task_mean", "per-task")):
+                better, changes = _changes(settings, base, f"{base}_{option}", what)
+                lines.append(f"* {name} after {base.upper() if base == 'cca' else 'Permutation'}, "
+                             f"{word} accuracy: higher in {better} of {len(changes)} settings "
+                             f"({'; '.join(changes)}).")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(results: dict, args) -> None:
+    from _common import write_text
+
     write_tables(results, make_tables(results), args.docs_dir, "disjoint_tasks")
+    write_text(args.docs_dir / "disjoint_tasks_findings.inc", findings(results))
 
 
 def main(argv=None) -> dict:

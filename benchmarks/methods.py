@@ -1,8 +1,9 @@
-"""Every merging method of skmerge on the Fashion-MNIST benchmark models.
+"""Every merging method of skmerge on the converged base models.
 
-Reuses the base models of ``benchmarks/accuracy.py`` (same data subsets, same
-cached checkpoints under ``benchmarks/cache/``; missing ones are trained the
-same way) and merges 2 and 5 of them with:
+The base models are the committed checkpoints of ``benchmarks/models/``
+(Fashion-MNIST at 28x28, trained by ``benchmarks/base_models.py``; loaded by
+``_base_models.load_base_models``). For every family with at least two
+checkpoints, every pair of models and all of them together are merged with:
 
 * all-to-one :class:`~skmerge.ModelMerger` with the Identity, Permutation,
   CCA (default ``regularization=0.3``), Procrustes and optimal-transport
@@ -23,16 +24,18 @@ same way) and merges 2 and 5 of them with:
   multi-head model whose output averages the heads' logits).
 
 Alignment data, REPAIR statistics and the learned coefficients' training data
-are the same held-out *training* images (``n_align`` per family, as in
-accuracy.py); accuracy is measured on the 2000 test images. For 5 models the
-script also merges each set once per choice of the reference (all-to-one CCA
-and Permutation, and the reference-free merger started from each reference)
-to measure how much the result depends on it.
+are the same 3,000 held-out training images (never trained on); accuracy is
+measured on the 10,000 test images. The set of all models is also merged once
+per choice of the reference (all-to-one CCA and Permutation, and the
+reference-free merger started from each reference) to measure how much the
+result depends on it. A method that cannot merge a family records its error
+(shown as "n/a" with a footnote).
 
 Run::
 
-    python benchmarks/methods.py              # about 15-25 min on 2 cores with cached models
-    python benchmarks/methods.py --quick      # smoke run on digits, about 1 min
+    python benchmarks/methods.py                                  # every family (see the run line on the benchmarks page)
+    python benchmarks/methods.py --families vgg11-bn-x0.25         # one family; the others' results are kept
+    python benchmarks/methods.py --quick                          # smoke run: 200 alignment and test images
     python benchmarks/methods.py --tables-only
 
 Results go to ``benchmarks/results/methods.json``, tables to
@@ -44,27 +47,28 @@ from __future__ import annotations
 import _common  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
 
-import accuracy  # noqa: E402
+from _base_models import FAMILIES, accuracy, available_seeds, load_base_models  # noqa: E402
 from _common import (CACHE, GENERATED, RESULTS, log, machine_info, pm, read_json,  # noqa: E402
                      setup_torch, write_json, write_tables)
 from skmerge import (CCAAligner, IdentityAligner, ModelMerger, OptimalTransportAligner,  # noqa: E402
                      PermutationAligner, ProcrustesAligner)
+from skmerge._statistics_cache import clear_statistics_cache  # noqa: E402
 from skmerge.coefficients import LearnedCoefficientMerger  # noqa: E402
 from skmerge.hierarchical import hierarchical_merge  # noqa: E402
 from skmerge.graph import find_spaces  # noqa: E402
 from skmerge.reference_free import ReferenceFreeMerger  # noqa: E402
-from skmerge.training import predict_logits  # noqa: E402
 from skmerge.weight_matching import WeightMatchingMerger  # noqa: E402
 from skmerge.zipit import ZipItMerger  # noqa: E402
 
-FAMILIES = ["mlp", "vgg11-x0.25", "resnet20-x1"]
-QUICK_FAMILIES = ["mlp", "vgg11-x0.125"]
+N_ALIGN = 3000
 
 #: (key, label) in table order.
 METHODS = [
@@ -96,25 +100,27 @@ BY_REFERENCE = [("permutation", "Permutation"), ("cca", "CCA"),
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run on digits (about 1 min)")
-    parser.add_argument("--families", default=None, help=f"default {','.join(FAMILIES)}")
-    parser.add_argument("--n-models", default="2,5", help="numbers of merged models (default 2,5)")
-    parser.add_argument("--sets", type=int, default=None, help="model sets per number of models (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 200 alignment and test images, the first family, pairs only")
+    parser.add_argument("--families", default=None,
+                        help="comma-separated (default: every family with two or more checkpoints)")
+    parser.add_argument("--methods", default=None, help="comma-separated keys (default: all)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of the learned coefficients (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from the results JSON")
     args = parser.parse_args(argv)
-    q = args.quick
-    args.family_names = args.families.split(",") if args.families else (QUICK_FAMILIES if q else FAMILIES)
-    args.sets = args.sets or (1 if q else 3)
-    args.epochs = args.epochs or (2 if q else 5)
-    args.n_models = [int(n) for n in args.n_models.split(",")]
-    # accuracy.py's own settings, so that the cached base models are reused.
-    pool = max(args.n_models + [8 if not q else 2])
-    args.accuracy = accuracy.parse_args((["--quick"] if q else []) + [
-        "--families", ",".join(args.family_names), "--n-models", str(pool), "--threads", str(args.threads)])
-    out_root = CACHE / "quick" if q else None
+    available = [f for f in FAMILIES if len(available_seeds(f)) >= 2]
+    args.family_names = args.families.split(",") if args.families else available[:1] if args.quick else available
+    if unknown := [f for f in args.family_names if f not in available]:
+        parser.error(f"families {unknown} have fewer than two checkpoints; trained: {', '.join(available)}")
+    keys = [key for key, _ in METHODS]
+    args.method_keys = args.methods.split(",") if args.methods else keys
+    if unknown := [k for k in args.method_keys if k not in keys]:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(keys)}")
+    args.epochs = args.epochs or (1 if args.quick else 5)
+    args.n_align = 200 if args.quick else N_ALIGN
+    out_root = CACHE / "quick" if args.quick else None
     args.output = (out_root or RESULTS) / "methods.json"
     args.docs_dir = out_root or GENERATED
     return args
@@ -160,83 +166,132 @@ def merge(key: str, models: list, X, y, args, reference: int = 0):
     raise ValueError(key)
 
 
-def run_family(name: str, data: dict, args) -> dict:
-    acc_args = args.accuracy
-    family = acc_args.family_specs[name]
-    info, test = data["info"], data["test"]
-    labels = test.tensors[1]
-    heldout = [t[:family.n_align] for t in data["heldout"].tensors]
-    X, y = heldout
-    pool = max(acc_args.n_models)
-    models, _ = accuracy.trained_models(name, family, [data["train"]] * pool, list(range(pool)), "pool",
-                                        acc_args, info)
-    out = {"label": family.label, "n_align": family.n_align, "records": []}
-    for n in args.n_models:
-        for s, members in enumerate(accuracy.model_sets(pool, n, args.sets, acc_args.seed)):
-            chosen = [models[i] for i in members]
-            line = []
-            for key, _ in METHODS:
-                start = time.perf_counter()
-                merged = _quiet(lambda: merge(key, chosen, X, y, args))
-                seconds = time.perf_counter() - start
-                acc = accuracy.accuracy_of_logits(predict_logits(merged, test), labels)
-                out["records"].append({"n_models": n, "set": s, "members": members, "method": key,
-                                       "reference": 0, "accuracy": acc, "seconds": seconds})
-                line.append(f"{key} {100 * acc:.1f}")
-            log(f"  [{name}] n={n} set {s}: " + ", ".join(line))
-            if n < 3 or s > 0:
+def _record(key, chosen, X, y, test, args, reference: int = 0) -> dict:
+    """One merge: its test accuracy and wall time, or the error that stopped it."""
+    clear_statistics_cache()  # each merge makes its own pass: the times compare
+    start = time.perf_counter()
+    try:
+        merged = _quiet(lambda: merge(key, chosen, X, y, args, reference=reference))
+    except Exception as error:  # recorded and shown as n/a: one method must not stop the others
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    seconds = time.perf_counter() - start
+    return {"accuracy": accuracy(merged, test), "seconds": seconds}
+
+
+def run_family(name: str, args, previous: dict | None) -> dict:
+    seeds = available_seeds(name)
+    models, data = load_base_models(name, seeds)
+    X, y = (t[:args.n_align] for t in data["heldout"].tensors)
+    test = data["test"]
+    if args.quick:
+        test = TensorDataset(*(t[:200] for t in test.tensors))
+    kept = [r for r in (previous or {}).get("records", []) if r["method"] not in args.method_keys]
+    out = {"label": FAMILIES[name].label, "seeds": seeds, "n_align": len(X),
+           "base": [accuracy(m, test) for m in models], "records": kept}
+    sets = [list(p) for p in itertools.combinations(range(len(models)), 2)]
+    if len(models) > 2 and not args.quick:
+        sets.append(list(range(len(models))))
+    for members in sets:
+        chosen = [models[i] for i in members]
+        n, s = len(members), sum(len(m) == len(members) for m in sets[:sets.index(members)])
+        line = []
+        for key in args.method_keys:
+            record = _record(key, chosen, X, y, test, args)
+            out["records"].append({"n_models": n, "set": s, "members": [seeds[i] for i in members],
+                                   "method": key, "reference": 0, **record})
+            line.append(f"{key} {100 * record['accuracy']:.1f}" if "accuracy" in record else f"{key} n/a")
+        log(f"  [{name}] n={n} set {s}: " + ", ".join(line))
+        if n < 3:
+            continue
+        for key, _ in BY_REFERENCE:
+            if key not in args.method_keys:
                 continue
-            for key, _ in BY_REFERENCE:
-                accs = []
-                for reference in range(1, n):
-                    merged = _quiet(lambda: merge(key, chosen, X, y, args, reference=reference))
-                    acc = accuracy.accuracy_of_logits(predict_logits(merged, test), labels)
-                    accs.append(acc)
-                    out["records"].append({"n_models": n, "set": s, "members": members, "method": key,
-                                           "reference": reference, "accuracy": acc})
-                log(f"  [{name}] n={n} {key} other references: " + ", ".join(f"{100 * a:.1f}" for a in accs))
+            accs = []
+            for reference in range(1, n):
+                record = _record(key, chosen, X, y, test, args, reference=reference)
+                record.pop("seconds", None)
+                out["records"].append({"n_models": n, "set": s, "members": [seeds[i] for i in members],
+                                       "method": key, "reference": reference, **record})
+                accs.append(f"{100 * record['accuracy']:.1f}" if "accuracy" in record else "n/a")
+            log(f"  [{name}] n={n} {key} other references: " + ", ".join(accs))
     return out
 
 
-def _cell(values) -> str:
-    return pm(values) if values else "-"
+def _cell(records, errors: list) -> str:
+    """``mean ± std`` of the records' accuracies; ``n/a [k]`` when a merge failed (footnote k)."""
+    failed = [r["error"] for r in records if "error" in r]
+    if failed:
+        if failed[0] not in errors:
+            errors.append(failed[0])
+        return f"n/a [{errors.index(failed[0]) + 1}]"
+    return pm([r["accuracy"] for r in records]) if records else "-"
 
 
 def make_tables(results: dict) -> dict:
     tables = {}
     for name, fam in results["families"].items():
-        ns = sorted({r["n_models"] for r in fam["records"]})
-        rows = []
+        records = fam["records"]
+        ns = sorted({r["n_models"] for r in records})
+        errors: list = []
+        rows = [["base models (mean)"] + [f"{100 * np.mean(fam['base']):.1f}"] * len(ns) + ["-"]]
         for key, label in METHODS:
-            row = [label]
-            for n in ns:
-                row.append(_cell([r["accuracy"] for r in fam["records"]
-                                  if r["method"] == key and r["n_models"] == n and r["reference"] == 0]))
-            seconds = [r["seconds"] for r in fam["records"] if r["method"] == key and "seconds" in r]
+            mine = [r for r in records if r["method"] == key and r["reference"] == 0]
+            if not mine:
+                continue
+            row = [label] + [_cell([r for r in mine if r["n_models"] == n], errors) for n in ns]
+            seconds = [r["seconds"] for r in mine if "seconds" in r]
             row.append(f"{np.mean(seconds):.1f}" if seconds else "-")
             rows.append(row)
-        header = ["method"] + [f"{n} models (%)" for n in ns] + ["merge time (s)"]
-        tables[f"methods_{name}"] = (f"{fam['label']}: test accuracy, mean ± std over model sets",
-                                     header, rows)
+        sets = {n: len({r["set"] for r in records if r["n_models"] == n}) for n in ns}
+        header = ["method"] + [f"{n} models, {sets[n]} set{'s' * (sets[n] > 1)} (%)" for n in ns] + \
+            ["merge time (s)"]
+        notes = "".join(f"; [{i + 1}] {e}" for i, e in enumerate(errors))
+        tables[f"methods_{name}"] = (f"{fam['label']} (seeds {', '.join(map(str, fam['seeds']))}): test "
+                                     f"accuracy, mean ± std over model sets{notes}", header, rows)
         big = [n for n in ns if n >= 3]
         if big:
             n = big[0]
             ref_rows = []
             for key, label in BY_REFERENCE:
-                accs = [100 * r["accuracy"] for r in fam["records"]
-                        if r["method"] == key and r["n_models"] == n and r["set"] == 0]
+                accs = [100 * r["accuracy"] for r in records
+                        if r["method"] == key and r["n_models"] == n and r["set"] == 0 and "accuracy" in r]
                 if accs:
                     ref_rows.append([label, f"{np.mean(accs):.1f}", f"{min(accs):.1f}", f"{max(accs):.1f}",
                                      f"{max(accs) - min(accs):.1f}"])
             tables[f"methods_{name}_references"] = (
-                f"{fam['label']}, {n} models (first set): test accuracy (%) over the {n} choices of "
+                f"{fam['label']}, {n} models: test accuracy (%) over the {n} choices of "
                 "the reference (the starting point of the reference-free merger)",
                 ["method", "mean", "min", "max", "max - min"], ref_rows)
     return tables
 
 
 def write_outputs(results: dict, args) -> None:
+    from _common import machine_line, write_text
+
     write_tables(results, make_tables(results), args.docs_dir, "methods")
+    lines = []  # one line per family: the runs may differ
+    for fam in results["families"].values():
+        for run in fam["runs"]:
+            lines.append(f"{fam['label']}: ``{run['command']}``, {run['wall_seconds'] / 60:.1f} min; "
+                         f"{machine_line(run['machine'])}")
+    write_text(args.docs_dir / "methods_meta.inc", "Runs (machine shared with other jobs):\n\n" +
+               "\n".join(f"- {line}" for line in lines) + "\n")
+
+
+def _store(path, results: dict, mine: list) -> dict:
+    """Write ``results``, keeping the families that another run wrote meanwhile (runs may overlap)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = read_json(path) if path.exists() else {}
+        if "accuracy_config" in current.get("config", {}):
+            current = {}
+        families = {k: v for k, v in current.get("families", {}).items() if k not in mine}
+        families.update({k: v for k, v in results["families"].items() if k in mine})
+        results = dict(results, families={k: families[k] for k in FAMILIES if k in families})
+        write_json(path, results)
+    return results
 
 
 def main(argv=None) -> dict:
@@ -247,16 +302,24 @@ def main(argv=None) -> dict:
         return results
     setup_torch(args.threads)
     start = time.perf_counter()
-    acc_args = args.accuracy
-    data = accuracy.benchmark_data(acc_args)
-    results = {"machine": machine_info("cpu"), "command": " ".join(["python"] + sys.argv),
-               "config": {"n_models": args.n_models, "sets": args.sets, "epochs": args.epochs,
-                          "accuracy_config": accuracy.config_of(acc_args)}, "families": {}}
+    previous = read_json(args.output) if args.output.exists() else {}
+    if "accuracy_config" in previous.get("config", {}):  # the results of the older base models
+        previous = {}
+    command = " ".join(["python"] + sys.argv)
+    results = {"machine": machine_info("cpu"), "command": command,
+               "config": {"n_align": args.n_align, "epochs": args.epochs, "n_test": 200 if args.quick else 10000},
+               "families": {}}
     for name in args.family_names:
         log(f"[{name}]")
-        results["families"][name] = run_family(name, data, args)
+        machine, tick = machine_info("cpu"), time.perf_counter()
+        results["families"][name] = run_family(name, args, previous.get("families", {}).get(name))
+        earlier = previous.get("families", {}).get(name, {}).get("runs", [])
+        kept = {r["method"] for r in results["families"][name]["records"]} - set(args.method_keys)
+        results["families"][name]["runs"] = [r for r in earlier if set(r["methods"]) & kept] + [
+            {"command": command, "machine": machine, "methods": args.method_keys,
+             "wall_seconds": round(time.perf_counter() - tick, 1)}]
         results["wall_seconds"] = time.perf_counter() - start
-        write_json(args.output, results)
+        results = _store(args.output, results, args.family_names)
     write_outputs(results, args)
     log(f"wrote {args.output} in {time.perf_counter() - start:.0f} s")
     return results

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ._batches import iter_inputs
 from ._distributed import all_reduce_sum_, is_distributed
 
-__all__ = ["aligned_fisher", "diagonal_fisher", "fisher_average"]
+__all__ = ["FisherSums", "aligned_fisher", "diagonal_fisher", "fisher_average"]
 
 #: Per-example gradients are computed for at most this many values at once.
 _CHUNK_VALUES = 2**24
@@ -52,7 +52,7 @@ def diagonal_fisher(model: nn.Module, loader, device: torch.device, dtype: torch
         float64 Fisher of every parameter name (tied parameters under each
         of their names), the mean over the inputs.
     """
-    estimator = _FisherSums(model, device, seed)
+    estimator = FisherSums(model, device, seed)
     with warnings.catch_warnings():
         # torch's notes that an op falls back to a slow batching rule: the result is the same
         warnings.filterwarnings("ignore", message="There is a performance drop")
@@ -62,7 +62,7 @@ def diagonal_fisher(model: nn.Module, loader, device: torch.device, dtype: torch
     return estimator.fisher()
 
 
-class _FisherSums:
+class FisherSums:
     """Sums of squared per-example gradients of ``log p(y_hat | x)`` on a private copy of a model."""
 
     def __init__(self, model: nn.Module, device: torch.device, seed: int):

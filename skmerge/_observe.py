@@ -51,13 +51,18 @@ class BatchObserver:
         :func:`taps_by_key` of the spaces.
     runner : GraphRunner or ModuleRunner
         Runs a model's computation with given tensors and reports the taps.
+    listener : object, optional
+        Also gets every reported tensor, ``listener.observe(k, key, tensor)``,
+        and ``listener.after_batch(k, inputs)`` after model ``k`` ran (the
+        statistics of ``ModelMerger(combine=...)``).
     """
 
-    def __init__(self, statistics: list, spaces: list, taps: dict, runner) -> None:
+    def __init__(self, statistics: list, spaces: list, taps: dict, runner, listener=None) -> None:
         self.statistics = statistics
         self.spaces = spaces
         self.taps = taps
         self.runner = runner
+        self.listener = listener
         self.observations: dict[tuple[str, int], list] | None = None
 
     def run(self, tensors: dict, k: int, inputs: torch.Tensor) -> None:
@@ -74,6 +79,8 @@ class BatchObserver:
         class _Report:
             def observe(self, tensor, key):
                 nonlocal added
+                if observer.listener is not None:
+                    observer.listener.observe(k, key, tensor.detach())
                 if key not in observer.taps:
                     return
                 tensor = tensor.detach()
@@ -102,6 +109,8 @@ class BatchObserver:
                     added += 1
 
         self.runner.run(tensors, (inputs,), _Report())
+        if self.listener is not None:
+            self.listener.after_batch(k, inputs)
         if first:
             missing = set(self.taps) - calls.keys()
             if missing:

@@ -9,8 +9,9 @@ column, against a constant input 1) and uncentered input Gram matrices
 
 with the off-diagonal entries of every ``G_k`` scaled by ``alpha`` (the
 paper's remedy for degenerate merges; ``alpha = 1``: plain least squares).
-The Gram matrices are those of each model's actual layer inputs, measured by
-a pass over the data through a structural copy of the model, then expressed
+The Gram matrices are those of each model's actual layer inputs, measured in
+the alignment pass (or by a pass of their own through a structural copy of
+the model, for layers that pass cannot report), then expressed
 in the aligned basis: ``G'_k = A_k^T G_k A_k`` with ``A_k`` the transform
 of the layer's input columns (each input channel's features ``x`` become
 ``x @ mapping`` along all its positions and kernel offsets).
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from ._batches import iter_inputs
 from ._distributed import all_reduce_sum_, is_distributed
 
-__all__ = ["input_grams", "input_transform", "regmean_layers", "regmean_solve"]
+__all__ = ["GramSums", "input_grams", "input_transform", "regmean_layers", "regmean_solve"]
 
 _TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -83,11 +84,52 @@ def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+class GramSums:
+    """Running uncentered Gram matrices of the inputs of some layers of one model.
+
+    Parameters
+    ----------
+    layers : dict
+        Path -> module (:func:`regmean_layers`).
+    device : torch.device
+    precision : {"double", "single"}
+        Precision of each batch's product (accumulated in float64).
+    """
+
+    def __init__(self, layers: dict, device: torch.device, precision: str = "double") -> None:
+        self.layers = layers
+        self.product = torch.float32 if precision == "single" else torch.float64
+        self.grams = {path: torch.zeros(_width(m) + (m.bias is not None), _width(m) + (m.bias is not None),
+                                        dtype=torch.float64, device=device) for path, m in layers.items()}
+        self.calls = torch.zeros(len(layers), dtype=torch.float64, device=device)
+        self.position = {path: i for i, path in enumerate(layers)}
+
+    def observe(self, tensor: torch.Tensor, path: str) -> None:
+        """Add one call's input of layer ``path``."""
+        module = self.layers[path]
+        rows = _rows(module, tensor).to(self.product)
+        if module.bias is not None:
+            rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=self.product, device=rows.device)], dim=1)
+        self.grams[path] += (rows.T @ rows).to(torch.float64)
+        self.calls[self.position[path]] += 1
+
+    def result(self) -> dict:
+        """Path -> Gram matrix of every layer that was called (summed over every rank's shard)."""
+        if is_distributed():
+            all_reduce_sum_(self.calls)
+            for gram in self.grams.values():
+                all_reduce_sum_(gram)
+        return {path: gram for path, gram in self.grams.items() if self.calls[self.position[path]] > 0}
+
+
 @torch.no_grad()
 def input_grams(model: nn.Module, layers: dict, loader, device: torch.device, dtype: torch.dtype,
                 precision: str = "double", verbose: bool = False, description: str = "Input Gram matrices"
                 ) -> dict:
     """Uncentered Gram matrices of every layer's inputs, with a constant column for the bias.
+
+    The pass of its own that measures them when the alignment pass could not
+    (:class:`GramSums` fed by the merger's runner otherwise).
 
     Parameters
     ----------
@@ -113,28 +155,15 @@ def input_grams(model: nn.Module, layers: dict, loader, device: torch.device, dt
 
     runner = ModuleRunner(model, list(layers))
     tensors = {name: t.to(device) for name, t in model_tensors(model).items()}
-    product = torch.float32 if precision == "single" else torch.float64
-    grams = {path: torch.zeros(_width(m) + (m.bias is not None), _width(m) + (m.bias is not None),
-                               dtype=torch.float64, device=device) for path, m in layers.items()}
-    calls = torch.zeros(len(layers), dtype=torch.float64, device=device)
-    position = {path: i for i, path in enumerate(layers)}
+    sums = GramSums(layers, device, precision)
 
     class _Observer:
         def observe(self, tensor, path):
-            module = layers[path]
-            rows = _rows(module, tensor).to(product)
-            if module.bias is not None:
-                rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=product, device=rows.device)], dim=1)
-            grams[path] += (rows.T @ rows).to(torch.float64)
-            calls[position[path]] += 1
+            sums.observe(tensor, path)
 
     for inputs in tqdm(iter_inputs(loader, device, dtype), desc=description, disable=not verbose, leave=False):
         runner.run(tensors, (inputs,), _Observer())
-    if is_distributed():  # sums over every rank's shard
-        all_reduce_sum_(calls)
-        for gram in grams.values():
-            all_reduce_sum_(gram)
-    return {path: gram for path, gram in grams.items() if calls[position[path]] > 0}
+    return sums.result()
 
 
 def input_transform(module: nn.Module, weight_name: str, spaces, transforms: Sequence,
@@ -186,8 +215,22 @@ def regmean_solve(weights_k: Sequence[torch.Tensor], grams_k: Sequence[torch.Ten
         total = w * scaled if total is None else total + w * scaled
         target = term if target is None else target + term
         average = part if average is None else average + part
-    values, vectors = torch.linalg.eigh(0.5 * (total + total.T))
+    values, vectors = _symmetric_eigh(0.5 * (total + total.T))
     keep = values > values.max().clamp_min(0) * values.numel() * torch.finfo(torch.float64).eps
     kept = vectors[:, keep]
     solution = (target @ kept) / values[keep] @ kept.T
     return solution + average - (average @ kept) @ kept.T
+
+
+def _symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and vectors of a symmetric positive semi-definite matrix.
+
+    LAPACK's ``syevd`` can fail to converge on badly conditioned Gram
+    matrices (few samples, many patch features); the SVD, which equals the
+    eigendecomposition of a positive semi-definite matrix, does not.
+    """
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        vectors, values, _ = torch.linalg.svd(matrix)
+        return values, vectors

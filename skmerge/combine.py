@@ -22,13 +22,14 @@ instance to change them (``GridSearchCV`` reaches them as ``combine__*``).
 from __future__ import annotations
 
 import numbers
+import time
 import warnings
 
 import torch
 from sklearn.base import BaseEstimator
 
-from ._fisher import aligned_fisher, diagonal_fisher, fisher_average
-from ._regmean import input_grams, input_transform, regmean_layers, regmean_solve
+from ._fisher import FisherSums, aligned_fisher, diagonal_fisher, fisher_average
+from ._regmean import GramSums, input_grams, input_transform, regmean_layers, regmean_solve
 
 __all__ = ["Fisher", "RegMean"]
 
@@ -85,6 +86,10 @@ class _Combination(BaseEstimator):
             setattr(self, name, value)
         return self
 
+    def stream(self, merger, models, dtype, runner) -> _PassStream:
+        """A :class:`_PassStream` that measures the statistics inside the merger's alignment pass."""
+        raise NotImplementedError
+
     def __getstate__(self):
         # A combination fitted on a GPU loads on a CPU-only machine.
         return {key: _on_cpu(value) for key, value in self.__dict__.items()}
@@ -93,6 +98,88 @@ class _Combination(BaseEstimator):
         from .merge import _transform_of
 
         return [_transform_of(row[k]) for row in merger.aligners_]
+
+
+class _PassStream:
+    """A combination's statistics, fed by the merger's alignment pass as it runs.
+
+    The merger asks its runner to also report ``keys`` (graph nodes or
+    module paths), calls :meth:`observe` with every reported tensor of model
+    ``k`` and :meth:`after_batch` once model ``k`` has seen a batch; then
+    :meth:`finish` sets the combination's statistics. ``seconds`` is the
+    time spent in these calls, ``n_calls`` the number of (model, batch)
+    runs seen.
+    """
+
+    keys: dict = {}
+
+    def __init__(self) -> None:
+        self.seconds, self.n_calls = 0.0, 0
+
+    def observe(self, k: int, key: str, tensor: torch.Tensor) -> None:
+        tick = time.perf_counter()
+        self._observe(k, key, tensor)
+        self.seconds += time.perf_counter() - tick
+
+    def after_batch(self, k: int, inputs: torch.Tensor) -> None:
+        tick = time.perf_counter()
+        self._after_batch(k, inputs)
+        self.n_calls += 1
+        self.seconds += time.perf_counter() - tick
+
+    def _observe(self, k, key, tensor) -> None:
+        pass
+
+    def _after_batch(self, k, inputs) -> None:
+        pass
+
+    def finish(self, merger, models, loader, dtype) -> None:
+        raise NotImplementedError
+
+
+class _FisherStream(_PassStream):
+    """Fisher: each model's squared per-example gradients, batch by batch."""
+
+    def __init__(self, combination, merger, models) -> None:
+        super().__init__()
+        self.combination = combination
+        self.sums = [FisherSums(model, merger.device_, int(combination.random_state)) for model in models]
+
+    def _after_batch(self, k, inputs) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            self.sums[k].add(inputs)
+
+    def finish(self, merger, models, loader, dtype) -> None:
+        self.combination.fishers_ = [sums.fisher() for sums in self.sums]
+
+
+class _RegMeanStream(_PassStream):
+    """RegMean: the input Gram matrices of every layer the runner reports."""
+
+    def __init__(self, combination, merger, models, dtype, runner) -> None:
+        super().__init__()
+        self.combination = combination
+        self.layers = combination._layers(models[0])
+        self.keys, self.unmapped = runner.layer_inputs(self.layers)
+        mapped = {path: self.layers[path] for paths in self.keys.values() for path in paths}
+        precision = merger._statistics_precision(dtype)
+        self.sums = [GramSums(mapped, merger.device_, precision) for _ in models]
+
+    def _observe(self, k, key, tensor) -> None:
+        for path in self.keys.get(key, ()):
+            self.sums[k].observe(tensor, path)
+
+    def finish(self, merger, models, loader, dtype) -> None:
+        from .merge import _reread
+
+        grams = [sums.result() for sums in self.sums]
+        if self.unmapped:  # layers the runner cannot report: a pass of their own
+            rest = {path: self.layers[path] for path in self.unmapped}
+            loader = _reread(loader, f"measure the input Gram matrices of {sorted(rest)[:3]} for RegMean")
+            for k, model in enumerate(models):
+                grams[k].update(self.combination._grams(merger, model, rest, loader, dtype, k))
+        self.combination.grams_ = grams
 
 
 class Fisher(_Combination):
@@ -130,8 +217,10 @@ class Fisher(_Combination):
     -----
     Costs one forward and backward pass per model over the alignment data,
     with per-example gradients (``torch.func.vmap``; one example at a time,
-    with a warning, for models whose ops vmap cannot batch). The models must
-    return ``(n_samples, n_classes)`` logits.
+    with a warning, for models whose ops vmap cannot batch), made batch by
+    batch inside the merger's alignment pass (so a stream that can be read
+    only once suffices). The models must return ``(n_samples, n_classes)``
+    logits.
     """
 
     _statistics_params = ("random_state",)
@@ -145,8 +234,12 @@ class Fisher(_Combination):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"Fisher random_state must be an int, got {seed!r}.")
 
+    def stream(self, merger, models, dtype, runner) -> _PassStream:
+        """Estimate every model's Fisher inside the merger's alignment pass."""
+        return _FisherStream(self, merger, models)
+
     def fit_statistics(self, merger, models, loader, dtype):
-        """Estimate every model's Fisher on ``loader`` (called by the merger's ``fit``)."""
+        """Estimate every model's Fisher on ``loader``, a pass of its own (``refit`` with new data)."""
         seed = self.random_state
         self.fishers_ = [diagonal_fisher(model, loader, merger.device_, dtype, int(seed),
                                          verbose=merger._show_progress(),
@@ -204,9 +297,11 @@ class RegMean(_Combination):
 
     Notes
     -----
-    The Gram matrices are measured on each model's real layer inputs (one
-    forward pass per model over the alignment data, through a structural
-    copy), not derived from the feature spaces' statistics: those are
+    The Gram matrices are measured on each model's real layer inputs, in the
+    merger's alignment pass (the graph runner reports the input of every
+    ``linear`` / ``conv`` call; a layer it cannot report, e.g. one called
+    with other settings than its own, gets a pass of its own through a
+    structural copy), not derived from the feature spaces' statistics: those are
     observed where features are formed (before pooling or flattening) and
     are centered, and a convolution reads patches of channels, so in general
     they are not the Gram matrix of what a layer multiplies. Directions that
@@ -228,18 +323,29 @@ class RegMean(_Combination):
                 or self.max_features < 1):
             raise ValueError(f"RegMean max_features must be an int >= 1, got {self.max_features!r}.")
 
-    def fit_statistics(self, merger, models, loader, dtype):
-        """Accumulate every model's layer-input Gram matrices on ``loader`` (called by the merger's ``fit``)."""
-        layers, self.skipped_ = regmean_layers(models[0], int(self.max_features))
+    def _layers(self, model) -> dict:
+        """The layers merged by regression (sets ``layers_`` and ``skipped_``)."""
+        layers, self.skipped_ = regmean_layers(model, int(self.max_features))
         self.layers_ = list(layers)
         if not layers:
             warnings.warn("RegMean found no Linear or Conv layer it can merge: the merge is plain "
-                          "averaging.", UserWarning, stacklevel=4)
-        precision = merger._statistics_precision(dtype)
-        self.grams_ = [input_grams(model, {p: dict(model.named_modules())[p] for p in layers}, loader,
-                                   merger.device_, dtype, precision, verbose=merger._show_progress(),
-                                   description=f"Input Gram matrices, model {k}")
-                       for k, model in enumerate(models)]
+                          "averaging.", UserWarning, stacklevel=5)
+        return layers
+
+    def _grams(self, merger, model, layers: dict, loader, dtype, k: int) -> dict:
+        modules = dict(model.named_modules())
+        return input_grams(model, {p: modules[p] for p in layers}, loader, merger.device_, dtype,
+                           merger._statistics_precision(dtype), verbose=merger._show_progress(),
+                           description=f"Input Gram matrices, model {k}")
+
+    def stream(self, merger, models, dtype, runner) -> _PassStream:
+        """Accumulate the Gram matrices inside the merger's alignment pass (the runner reports the inputs)."""
+        return _RegMeanStream(self, merger, models, dtype, runner)
+
+    def fit_statistics(self, merger, models, loader, dtype):
+        """Every model's layer-input Gram matrices on ``loader``, a pass of its own (``refit`` with new data)."""
+        layers = self._layers(models[0])
+        self.grams_ = [self._grams(merger, model, layers, loader, dtype, k) for k, model in enumerate(models)]
         return self
 
     def merged_state(self, merger, models, weights, reference: int, aligned_states=None) -> dict:

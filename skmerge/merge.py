@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import numbers
 import time
@@ -79,9 +80,11 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         basis (:class:`~skmerge.combine.Fisher`). ``"regmean"``: every Linear
         and Conv layer is the least-squares fit of all aligned models'
         outputs from their inputs (RegMean, Jin et al., ICLR 2023;
-        :class:`~skmerge.combine.RegMean`), the rest averaged. Both cost one
-        more pass over ``X`` per model (forward and backward for Fisher),
-        hold every aligned model's state at once while combining (uniform
+        :class:`~skmerge.combine.RegMean`), the rest averaged. Both are
+        measured inside the alignment pass over ``X`` (RegMean: a Gram
+        product per layer and batch; Fisher: a forward and backward pass per
+        model with per-example gradients), hold every aligned model's state
+        at once while combining (uniform
         averaging transforms and adds one tensor at a time) and combine with
         ``weights``. An instance sets their parameters (``combine__alpha``
         for GridSearchCV); their statistics are reused by :meth:`refit`.
@@ -156,7 +159,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     timings_ : dict
         Seconds spent in ``"statistics"`` (forward passes and accumulation),
         ``"solve"``, ``"combine"`` (the Fisher or Gram statistics of
-        ``combine``, only when it is not uniform), ``"transform"`` (weights and
+        ``combine``, only when it is not uniform; the part of the pass spent
+        on them is not counted in ``"statistics"``), ``"transform"`` (weights and
         averaging), ``"reset_bn"``, ``"repair"`` (only with ``repair=True``)
         and ``"total"``.
     combination_ : skmerge.combine.Fisher or skmerge.combine.RegMean
@@ -308,8 +312,10 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         if isinstance(batches, _Stream):
             batches.key = data_key(X)
         self.spaces_, runner = self._spaces(models[reference], example)
-        self.aligners_ = self._fit_aligners(models, reference, batches, dtype, runner)
-        self._fit_combination(models, loader, dtype, X)
+        combination = self._start_combination(models, dtype, X, runner)
+        self.aligners_ = self._fit_aligners(models, reference, batches, dtype, runner,
+                                            combination and combination.stream)
+        self._finish_combination(combination, models, loader, dtype)
         return self._build(models, reference, loader, example, X, start)
 
     def _build(self, models, reference, loader, example, X, start):
@@ -361,18 +367,19 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             )
         resolve_combine(getattr(self, "combine", "uniform"))
 
-    def _fit_combination(self, models, loader, dtype, X=None) -> None:
-        """The statistics of a non-uniform ``combine`` (``combination_``): one more pass over the data.
+    def _start_combination(self, models, dtype, X, runner=None):
+        """The combination of a non-uniform ``combine`` about to be fitted (None: uniform).
 
-        Reused, as the spaces' statistics are, when the same models see the
-        same array or tensor data again (``GridSearchCV`` over
-        ``combine__alpha`` or the aligner).
+        Its statistics are reused, as the spaces' statistics are, when the
+        same models see the same array or tensor data again (``GridSearchCV``
+        over ``combine__alpha`` or the aligner); otherwise, given the
+        alignment pass's ``runner``, they are measured inside that pass
+        (``stream``).
         """
         self.__dict__.pop("combination_", None)
         combination = resolve_combine(getattr(self, "combine", "uniform"))
         if combination is None:
-            return
-        tick = time.perf_counter()
+            return None
         combination = clone(combination)
         model_key, refs = combination_cache.model_key(models)
         data = data_key(X)
@@ -382,13 +389,37 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         cached = combination_cache.get(key) if key is not None else None
         if cached is not None:
             combination.use_statistics(cached)
-        else:
-            purpose = f"estimate the statistics of combine={type(combination).__name__}"
-            combination.fit_statistics(self, models, _reread(loader, purpose), dtype)
-            if key is not None:
-                combination_cache.put(key, refs, combination.statistics())
+        stream = combination.stream(self, models, dtype, runner) if cached is None and runner is not None \
+            else None
+        return _PendingCombination(combination, stream, key, refs, cached is not None)
+
+    def _finish_combination(self, pending, models, loader, dtype) -> None:
+        """Set ``combination_``: from the cache, from what the pass streamed, or from a pass of its own.
+
+        The pass of its own is needed when the alignment statistics came from
+        the cache (no alignment pass ran) or for :meth:`refit` with new data.
+        """
+        if pending is None:
+            return
+        tick = time.perf_counter()
+        combination, stream = pending.combination, pending.stream
+        if not pending.cached:
+            if stream is not None and stream.n_calls:
+                stream.finish(self, models, loader, dtype)
+            else:
+                purpose = f"estimate the statistics of combine={type(combination).__name__}"
+                combination.fit_statistics(self, models, _reread(loader, purpose), dtype)
+            if pending.key is not None:
+                combination_cache.put(pending.key, pending.refs, combination.statistics())
         self.combination_ = combination
-        self.timings_["combine"] = time.perf_counter() - tick
+        inside = stream.seconds if stream is not None else 0.0
+        if "statistics" in self.timings_:
+            self.timings_["statistics"] -= inside
+        self.timings_["combine"] = inside + time.perf_counter() - tick
+
+    def _fit_combination(self, models, loader, dtype, X=None) -> None:
+        """The statistics of a non-uniform ``combine`` on ``X`` in a pass of their own (:meth:`refit`)."""
+        self._finish_combination(self._start_combination(models, dtype, X), models, loader, dtype)
 
     def _refit_combination(self, models, X, dtype) -> None:
         """``combination_`` for :meth:`refit`: the last fit's statistics when they still apply, else ``X``'s."""
@@ -428,11 +459,11 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             raise ValueError("The alignment data X is empty.")
         return _Stream(itertools.chain([first], batches), _length(loader)), first[:2]
 
-    def _fit_aligners(self, models, reference, batches, dtype, runner) -> list[list]:
-        """One pass for the statistics, then one aligner per (space, model)."""
+    def _fit_aligners(self, models, reference, batches, dtype, runner, stream=None) -> list[list]:
+        """One pass for the statistics (feeding ``stream`` too), then one aligner per (space, model)."""
         tick = time.perf_counter()
         self.statistics_, self.n_samples_seen_ = self._accumulate(
-            models, reference, batches, self.spaces_, dtype, runner)
+            models, reference, batches, self.spaces_, dtype, runner, stream=stream)
         self.timings_["statistics"] = time.perf_counter() - tick
         return self._resolve(len(models), reference)
 
@@ -534,11 +565,14 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
 
     @torch.no_grad()
     def _accumulate(self, models, reference, batches, spaces, dtype, runner,
-                    statistics_type=ReferenceCovariance):
+                    statistics_type=ReferenceCovariance, stream=None):
         """One pass over the data through every model, accumulating per-space statistics.
 
         ``statistics_type(n_views, reference=, precision=)`` makes each
         space's accumulator (the reference-free merger keeps all pairs).
+        ``stream`` (a combination's :class:`~skmerge.combine._PassStream`)
+        sees the same runs; it gets nothing when the statistics come from
+        the cache.
         """
         precision = self._statistics_precision(dtype)
         model_key, refs = statistics_cache.model_key(models)
@@ -554,6 +588,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         for stats in statistics:
             stats._accumulating = True  # nobody holds a snapshot yet: grow the comoments in place
         taps = taps_by_key(spaces)
+        if stream is not None and stream.keys:
+            runner = runner.reporting(list(stream.keys))
         tensors = [_tensors_on(model, self.device_) for model in models]
         # The reference first, then the other models one at a time: a batch's
         # activations are held for two models at most, not for all of them.
@@ -562,7 +598,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         progress = tqdm(batches, total=getattr(batches, "total", None), desc="Alignment statistics",
                         disable=not self._show_progress(), leave=False)
         for inputs in progress:
-            observer = BatchObserver(statistics, spaces, taps, runner)
+            observer = BatchObserver(statistics, spaces, taps, runner, stream)
             for k in order:
                 observer.run(tensors[k], k, inputs)
             observer.commit()
@@ -795,6 +831,17 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             self.device_ = torch.device("cpu")
         if hasattr(self, "merged_model_"):
             self.merged_model_.to(self.device_)
+
+
+@dataclasses.dataclass
+class _PendingCombination:
+    """A combination being fitted: its stream in the alignment pass, its cache key, whether it was cached."""
+
+    combination: object
+    stream: object
+    key: tuple | None
+    refs: object
+    cached: bool
 
 
 def _transform_of(aligner):

@@ -583,10 +583,10 @@ class ReferenceFreeMerger(ModelMerger):
                 "sweep) and the merged model breaks down. Use regularization > 0 (the default 0.3) "
                 'or "auto".')
 
-    def _fit_aligners(self, models, reference, batches, dtype, runner) -> list[list]:
+    def _fit_aligners(self, models, reference, batches, dtype, runner, stream=None) -> list[list]:
         tick = time.perf_counter()
         self.statistics_, self.n_samples_seen_ = self._accumulate_joint(
-            models, reference, batches, self.spaces_, dtype, runner)
+            models, reference, batches, self.spaces_, dtype, runner, stream)
         self.timings_["statistics"] = time.perf_counter() - tick
         return self._resolve(len(models), reference)
 
@@ -628,8 +628,8 @@ class ReferenceFreeMerger(ModelMerger):
         return _alternate(targets, fit, self.max_iter, self.tol)
 
     @torch.no_grad()
-    def _accumulate_joint(self, models, reference, batches, spaces, dtype, runner):
+    def _accumulate_joint(self, models, reference, batches, spaces, dtype, runner, stream=None):
         """One pass over the data, accumulating the statistics of all pairs of models per space."""
         _check_memory(len(models), [space.dim for space in spaces if space.taps], self.device_)
         return self._accumulate(models, reference, batches, spaces, dtype, runner,
-                                statistics_type=JointCovariance)
+                                statistics_type=JointCovariance, stream=stream)

@@ -340,7 +340,7 @@ class WeightMatchingMerger(ModelMerger):
     def _check_method_params(self) -> None:
         check_positive_int(self.max_iter, "max_iter")
 
-    def _fit_aligners(self, models, reference, batches, dtype, runner) -> list[list]:
+    def _fit_aligners(self, models, reference, batches, dtype, runner, stream=None) -> list[list]:
         self.timings_["statistics"] = 0.0
         self.n_samples_seen_ = 0
         tick = time.perf_counter()

@@ -311,7 +311,7 @@ class ZipItMerger(ModelMerger):
         return [i in zipped for i in range(len(spaces))]
 
     # ------------------------------------------------------------- matching
-    def _fit_aligners(self, models, reference, batches, dtype, runner) -> list[list]:
+    def _fit_aligners(self, models, reference, batches, dtype, runner, stream=None) -> list[list]:
         n_models, spaces = len(models), self.spaces_
         self.zipped_ = self._zipped(spaces)
         chosen = [i for i, space in enumerate(spaces) if self.zipped_[i] and space.taps]

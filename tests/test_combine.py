@@ -180,6 +180,21 @@ def test_regmean_solve_is_least_squares_on_the_stacked_data():
     torch.testing.assert_close(solution[:, 4], sum(w * wk[:, 4] for w, wk in zip(weights, ws)))
 
 
+def test_regmean_solve_survives_an_eigensolver_that_does_not_converge(monkeypatch):
+    rng = np.random.default_rng(1)
+    x = [torch.as_tensor(rng.normal(size=(5, 4))) for _ in range(2)]  # rank 5 of 4 + 4 columns
+    grams = [xi.T @ xi for xi in x]
+    weights_k = [torch.as_tensor(rng.normal(size=(3, 4))) for _ in range(2)]
+    expected = regmean_solve(weights_k, grams, [0.5, 0.5], 1.0)
+
+    def failing(matrix):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    torch.testing.assert_close(regmean_solve(weights_k, grams, [0.5, 0.5], 1.0), expected,
+                               rtol=1e-9, atol=1e-11)
+
+
 def _aligned_inputs(model, aligner, layer, x):
     """The inputs of ``layer`` in ``model``, expressed in the aligned basis of their space."""
     seen = []
@@ -255,6 +270,93 @@ def test_permuted_copies_stay_exact_and_inputs_are_untouched(combine):
         torch.testing.assert_close(merger.merged_model_(x), model(x), rtol=0, atol=1e-9)
 
 
+# ------------------------------------------------------ in the alignment pass
+def _own_pass(combination, merger, models, x) -> dict:
+    """The statistics of ``combination`` measured by a pass of its own over ``x``."""
+    from skmerge._batches import as_loader
+
+    own = clone(combination).fit_statistics(merger, models, as_loader(x, merger.batch_size), torch.float64)
+    return own.statistics()
+
+
+def _assert_same_statistics(a: dict, b: dict) -> None:
+    for name in a:
+        if name in ("fishers_", "grams_"):
+            assert [sorted(d) for d in a[name]] == [sorted(d) for d in b[name]]
+            for da, db in zip(a[name], b[name]):
+                for key in da:
+                    torch.testing.assert_close(da[key], db[key], rtol=1e-12, atol=1e-14)
+        else:
+            assert a[name] == b[name]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "vgg", "resnet"])
+@pytest.mark.parametrize("combine", [RegMean(), Fisher()])
+def test_the_alignment_pass_measures_the_combination_statistics(arch, combine):
+    """The statistics streamed in the alignment pass are those of a pass of their own."""
+    from skmerge._statistics_cache import clear_statistics_cache
+
+    clear_statistics_cache()
+    models = [_make(arch, seed) for seed in range(3)]
+    x = _archs.inputs(arch, 40, 0)
+    merger = _quiet(lambda: ModelMerger(models, PermutationAligner(), combine=clone(combine), batch_size=16,
+                                        reset_bn=False, device="cpu").fit(x))
+    _assert_same_statistics(merger.combination_.statistics(),
+                            _own_pass(merger.combination_, merger, models, x))
+    if isinstance(combine, RegMean):  # the first layer reads the network input itself
+        first = next(p for p, m in models[0].named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+        assert first in merger.combination_.grams_[0]
+
+
+@pytest.mark.parametrize("combine", ["regmean", "fisher"])
+def test_a_one_shot_stream_is_enough_for_a_combination(combine):
+    from torch.utils.data import DataLoader
+
+    from test_concurrency_and_streams import _Stream
+
+    models = [_make("mlp", seed) for seed in range(2)]
+    x = _archs.inputs("mlp", 48, 0)
+    streamed = _quiet(lambda: ModelMerger(models, PermutationAligner(), combine=combine, device="cpu")
+                      .fit(DataLoader(_Stream(x, False), batch_size=16)))
+    direct = _quiet(lambda: ModelMerger(models, PermutationAligner(), combine=combine, batch_size=16,
+                                        device="cpu").fit(x))
+    _same_state(direct.merged_model_, streamed.merged_model_)
+
+
+class _StridedByHand(torch.nn.Module):
+    """A convolution module that is also called with another stride, through F.conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 6, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.other = torch.nn.Conv2d(6, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.relu(self.conv(x))
+        y = self.other(h) + F.avg_pool2d(F.conv2d(h, self.other.weight, self.other.bias, stride=1,
+                                                  padding=1), 1)
+        z = F.conv2d(h, self.other.weight, None, stride=2, padding=1)  # not how the module is called
+        return self.head(y.mean((2, 3)) + F.interpolate(z, size=y.shape[2:]).mean((2, 3)))
+
+
+def test_a_layer_the_runner_cannot_report_gets_a_pass_of_its_own():
+    torch.manual_seed(0)
+    models = [_StridedByHand().double() for _ in range(2)]
+    x = torch.randn(24, 1, 6, 6, dtype=torch.float64)
+    merger = _quiet(lambda: ModelMerger(models, PermutationAligner(), combine="regmean", device="cpu",
+                                        self_check=False).fit(x))
+    from skmerge.graph._runner import runner_for
+
+    runner = runner_for(models[0], x[:2], merger.spaces_)
+    keys, unmapped = runner.layer_inputs({"conv": models[0].conv, "other": models[0].other,
+                                          "head": models[0].head})
+    assert unmapped == ["other"] and sorted(p for paths in keys.values() for p in paths) == ["conv", "head"]
+    _assert_same_statistics(merger.combination_.statistics(),
+                            _own_pass(merger.combination_, merger, models, x))
+
+
 # ---------------------------------------------------------------- conventions
 def test_parameters_clone_persistence_and_merge_with_weights(tmp_path):
     models = [_make("mlp", seed) for seed in range(2)]
@@ -284,18 +386,22 @@ def _same_state(a, b):
 
 @pytest.fixture
 def statistics_passes(monkeypatch):
-    """Counts the statistics passes of the combinations (Fisher and RegMean)."""
+    """Counts how often the combinations (Fisher and RegMean) measure their statistics.
+
+    In the alignment pass (``stream``) or in a pass of their own (``fit_statistics``).
+    """
     from skmerge._statistics_cache import clear_statistics_cache
 
     count = [0]
     for cls in (Fisher, RegMean):
-        original = cls.fit_statistics
+        for method in ("fit_statistics", "stream"):
+            original = getattr(cls, method)
 
-        def counted(self, *args, _original=original, **kwargs):
-            count[0] += 1
-            return _original(self, *args, **kwargs)
+            def counted(self, *args, _original=original, **kwargs):
+                count[0] += 1
+                return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(cls, "fit_statistics", counted)
+            monkeypatch.setattr(cls, method, counted)
     clear_statistics_cache()
     yield count
     clear_statistics_cache()

@@ -3,6 +3,7 @@
 import ast
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,57 @@ def test_disjoint_tasks_tables_are_the_committed_results():
                 (record,) = [r for r in family["records"] if r["method"] == method and r["n_models"] == n]
                 assert row[1 + 2 * i] == f"{100 * record['joint']:.1f}", (family["label"], method, n)
                 assert row[2 + 2 * i] == f"{100 * record['task_mean']:.1f}", (family["label"], method, n)
+
+
+def test_disjoint_tasks_findings_name_the_best_merges_of_the_committed_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "disjoint_tasks.json").read_text())
+    text = (DOCS / "_generated" / "benchmarks" / "disjoint_tasks_findings.inc").read_text()
+    checked = 0
+    for family in results["families"].values():
+        for n in sorted({r["n_models"] for r in family["records"]}):
+            records = [r for r in family["records"] if r["n_models"] == n]
+            merges = [r for r in records if r["method"] not in ("base", "ensemble")]
+            best = max(r["joint"] for r in merges)
+            ensemble = next(r["joint"] for r in records if r["method"] == "ensemble")
+            (line,) = [x for x in text.splitlines() if x.startswith(f"* {family['label']}, {n} tasks:")]
+            joint = re.search(r"best joint accuracy .* (\d+\.\d) % \((above|below) the ensemble's (\d+\.\d) %", line)
+            assert joint.group(1) == f"{100 * best:.1f}" and joint.group(3) == f"{100 * ensemble:.1f}"
+            assert joint.group(2) == ("above" if best > ensemble else "below")
+            checked += 1
+    assert checked == 4
+
+
+def test_methods_tables_are_the_committed_results():
+    """Every cell of the every-method tables is the mean of the committed records it names."""
+    results = json.loads((ROOT / "benchmarks" / "results" / "methods.json").read_text())
+    text = (DOCS / "_generated" / "benchmarks" / "methods_tables.inc").read_text()
+    tables = [t for t in text.split(".. list-table::") if t.strip() and "choices of the reference" not in t]
+    assert len(tables) == len(results["families"])
+    checked = 0
+    for table, family in zip(tables, results["families"].values()):
+        title, (header, *rows) = parse_list_table(".. list-table::" + table)
+        assert title.startswith(family["label"])
+        ns = sorted({r["n_models"] for r in family["records"]})
+        assert rows[0][1] == f"{100 * np.mean(family['base']):.1f}"
+        for row in rows[1:]:
+            (key,) = [k for k in dict.fromkeys(r["method"] for r in family["records"])
+                      if _methods_label(k) == row[0]]
+            for cell, n in zip(row[1:], ns):
+                mine = [r for r in family["records"]
+                        if r["method"] == key and r["n_models"] == n and r["reference"] == 0]
+                if cell.startswith("n/a"):
+                    assert any("error" in r for r in mine)
+                    continue
+                assert cell.split(" ±")[0] == f"{100 * np.mean([r['accuracy'] for r in mine]):.1f}", (row, n)
+                checked += 1
+    assert checked > 0
+
+
+def _methods_label(key: str) -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import methods
+
+    return dict(methods.METHODS)[key]
 
 
 def test_benchmarks_page_opens_with_the_headline():

@@ -12,6 +12,7 @@ from skmerge.models import (
     VGG,
     CifarResNet20,
     ResNet18,
+    ViT,
     architecture_of,
     available_models,
     get_model,
@@ -71,7 +72,7 @@ def test_forward_shape_and_symbolic_trace(name, kwargs, shape):
         assert node.op != "call_method", node
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg11", "vgg16", "resnet20", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "vgg11", "vgg16", "resnet20", "resnet18", "vit"])
 def test_models_train_backward(name):
     kwargs = dict(in_channels=1, image_size=8, width=0.125)
     if name == "resnet18":
@@ -173,8 +174,8 @@ def test_resnet20_projection_shortcuts():
 
 
 def test_registry():
-    assert available_models() == ["mlp", "resnet18", "resnet20", "vgg11", "vgg16"]
-    with pytest.raises(ValueError, match="mlp, resnet18, resnet20, vgg11, vgg16"):
+    assert available_models() == ["mlp", "resnet18", "resnet20", "vgg11", "vgg16", "vit"]
+    with pytest.raises(ValueError, match="mlp, resnet18, resnet20, vgg11, vgg16, vit"):
         get_model("alexnet")
     with pytest.raises(TypeError, match="in_features"):
         get_model("mlp")
@@ -196,3 +197,38 @@ def test_graph_walker_finds_consistent_spaces(name, kwargs, shape):
     x = torch.randn(*shape)
     assert len(graph.find_spaces(model, x)) > 0
     graph.check_spaces(model, x)
+
+
+VIT = dict(in_channels=1, image_size=28, patch_size=7, dim=16, depth=2, heads=4)
+
+
+def test_vit_layout_width_and_errors():
+    model = get_model("vit", **VIT, width=2)
+    assert isinstance(model, ViT) and model.patch_embed.out_channels == 32
+    assert model.pos_embed.shape == (1, 17, 32) and model.blocks[0].mlp[0].out_features == 64
+    assert model.blocks[0].attn.qkv.out_features == 96 and len(model.blocks) == 2
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        ViT(image_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="multiple of heads=3"):
+        ViT(dim=16, heads=3)
+
+
+def test_vit_spaces_are_exact_under_permutations_with_heads_matched():
+    """Spaces found on the exported graph: the residual stream, per block a query-key and a
+    value-output space (block-diagonal over the heads) and the MLP; a merge with a permuted copy
+    (heads shuffled too) reproduces the model."""
+    from skmerge import ModelMerger, PermutationAligner
+    from skmerge.graph import check_spaces, find_spaces, permute_model
+
+    torch.manual_seed(0)
+    model = get_model("vit", **VIT).double().eval()
+    x = torch.randn(16, 1, 28, 28, dtype=torch.float64)
+    spaces = find_spaces(model, x[:2])
+    assert len(spaces) == 1 + 3 * 2
+    assert sum(s.block_size == s.dim // 4 for s in spaces) == 2 * 2  # 4 heads
+    check_spaces(model, x[:2])
+    permuted = permute_model(model, x[:2], seed=3)[0]
+    merged = ModelMerger([model, permuted], PermutationAligner(), device="cpu").fit(x).merged_model_
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), rtol=0, atol=1e-10)

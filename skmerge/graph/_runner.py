@@ -95,6 +95,9 @@ class GraphRunner:
         for node in program.graph.nodes:
             if node.op != "placeholder" and observer is None:
                 observer = graph.placeholder("skmerge_observer")
+                for original, value in env.items():  # reported inputs (a first layer's): once all are read
+                    if original.name in names:
+                        graph.call_method("observe", (observer, value, original.name))
             if node.op == "output":
                 graph.output(torch.fx.map_arg(node.args[0], lambda n: env[n]))
                 continue
@@ -103,7 +106,7 @@ class GraphRunner:
                     and new.kwargs["device"].type == "meta":
                 new.kwargs = {**new.kwargs, "device": device}
             env[node] = new
-            if node.name in names:
+            if node.name in names and node.op != "placeholder":
                 graph.call_method("observe", (observer, new, node.name))
         missing = names - {n.name for n in program.graph.nodes}
         if missing:
@@ -111,6 +114,36 @@ class GraphRunner:
                              "this model does not have (spaces found on another model or torch version?)")
         module = torch.fx.GraphModule(program.graph_module, graph)
         return module
+
+    def reporting(self, keys) -> GraphRunner:
+        """A runner of the same graph that also reports the nodes ``keys``."""
+        return GraphRunner(self.traced, self.nodes + [k for k in keys if k not in self.nodes], self.model)
+
+    def layer_inputs(self, layers: dict) -> tuple[dict, list]:
+        """Where the inputs of Linear / Conv modules are reported: ``({node: [path, ...]}, unmapped)``.
+
+        A layer's input is the first argument of every ``linear`` /
+        ``conv1d`` / ``conv2d`` call that reads its weight with the module's
+        own stride, padding, dilation and groups. Layers called otherwise (or
+        never) are ``unmapped``: observe them with a :class:`ModuleRunner`.
+        """
+        by_weight = {f"{path}.weight" if path else "weight": path for path in layers}
+        found: dict = {}
+        odd: set = set()  # read by a convolution with other settings than the module's
+        for node in self.traced.graph.nodes:
+            packet = getattr(node.target, "overloadpacket", None)
+            if node.op != "call_function" or packet not in _LAYER_OPS or len(node.args) < 2:
+                continue
+            weight, inp = node.args[1], node.args[0]
+            path = by_weight.get(self.traced.params.get(getattr(weight, "name", None)))
+            if path is None or not isinstance(inp, torch.fx.Node):
+                continue
+            if packet is not torch.ops.aten.linear and not _called_as(node, layers[path]):
+                odd.add(path)
+            found.setdefault(inp.name, []).append(path)
+        found = {key: [p for p in paths if p not in odd] for key, paths in found.items()}
+        mapped = {p for paths in found.values() for p in paths}
+        return {key: paths for key, paths in found.items() if paths}, [p for p in layers if p not in mapped]
 
     def run(self, tensors: dict, inputs, observer=None):
         """Run the graph with ``tensors`` (name -> tensor) on ``inputs``; returns the output tensors."""
@@ -131,6 +164,26 @@ class GraphRunner:
             else:  # pragma: no cover - custom objects and effect tokens
                 raise ValueError(f"the exported graph has an input of kind {kind}, which skmerge cannot run")
         return module(*args, observer or _NoObserver())
+
+
+_LAYER_OPS = tuple(getattr(torch.ops.aten, n) for n in ("linear", "conv1d", "conv2d"))
+
+
+def _called_as(node: torch.fx.Node, module: nn.Module) -> bool:
+    """Whether a ``conv1d`` / ``conv2d`` node uses the module's own stride, padding, dilation, groups."""
+    n = len(module.kernel_size)
+
+    def spatial(value) -> tuple:
+        value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        return value * n if len(value) == 1 else value
+
+    names, defaults = ("stride", "padding", "dilation", "groups"), (1, 0, 1, 1)
+    given = dict(zip(names, node.args[3:7]), **node.kwargs)
+    stride, padding, dilation, groups = (given.get(k, d) for k, d in zip(names, defaults))
+    if isinstance(padding, str) or module.padding_mode != "zeros":
+        return False
+    return (spatial(stride), spatial(padding), spatial(dilation), groups) == (
+        tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
 
 
 def _constant(value, name: str, device: torch.device):
@@ -157,6 +210,7 @@ class ModuleRunner:
     """A structural copy of a model, run with any model's tensors; reports the inputs of modules."""
 
     def __init__(self, model: nn.Module, modules=()):
+        self.model = model
         self.copy = meta_copy(model)
         self.modules = list(dict.fromkeys(modules))
         for path in self.modules:
@@ -168,6 +222,14 @@ class ModuleRunner:
                 if observer is not None and args:
                     observer.observe(args[0].detach(), _path)
             self.copy.get_submodule(path).register_forward_pre_hook(hook)
+
+    def reporting(self, keys) -> ModuleRunner:
+        """A runner of the same structure that also reports the inputs of the modules ``keys``."""
+        return ModuleRunner(self.model, self.modules + [k for k in keys if k not in self.modules])
+
+    def layer_inputs(self, layers: dict) -> tuple[dict, list]:
+        """Where the inputs of modules are reported: each module's path (``({path: [path]}, [])``)."""
+        return {path: [path] for path in layers}, []
 
     def run(self, tensors: dict, inputs, observer=None):
         self._local.observer = observer

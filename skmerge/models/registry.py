@@ -11,6 +11,7 @@ from torch import nn
 from .mlp import MLP
 from .resnet import CifarResNet20, ResNet18
 from .vgg import VGG
+from .vit import ViT
 
 __all__ = ["available_models", "get_model", "architecture_of"]
 
@@ -49,6 +50,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg16": _vgg("vgg16"),
     "resnet20": _without_image_size(CifarResNet20),
     "resnet18": _without_image_size(ResNet18),
+    "vit": ViT,
 }
 
 
@@ -58,7 +60,7 @@ def available_models() -> list[str]:
     Returns
     -------
     list of str
-        ``["mlp", "resnet18", "resnet20", "vgg11", "vgg16"]``.
+        ``["mlp", "resnet18", "resnet20", "vgg11", "vgg16", "vit"]``.
     """
     return sorted(_REGISTRY)
 
@@ -79,11 +81,11 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
     Parameters
     ----------
-    name : {"mlp", "vgg11", "vgg16", "resnet20", "resnet18"}
+    name : {"mlp", "vgg11", "vgg16", "resnet20", "resnet18", "vit"}
         Architecture name (case-insensitive).
     **kwargs
         Constructor keywords, see :class:`MLP`, :class:`VGG`,
-        :class:`CifarResNet20` and :class:`ResNet18`.
+        :class:`CifarResNet20`, :class:`ResNet18` and :class:`ViT`.
 
     Returns
     -------
