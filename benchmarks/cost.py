@@ -73,6 +73,10 @@ from skmerge.stats import CrossCovariance  # noqa: E402
 MMAP_THRESHOLD = 65536  # bytes; glibc malloc setting of the memory runs
 
 
+#: The measurements, in the order they run.
+PARTS = ("fit", "memory", "solve", "large", "polar", "reuse")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +93,8 @@ def parse_args(argv=None):
     parser.add_argument("--memory-models", default=None, help="numbers of models (default 2,4,8,16)")
     parser.add_argument("--memory-size", type=int, default=None, help="alignment images for memory (default 256)")
     parser.add_argument("--dims", default=None, help="solve widths (default 64,128,256,512,1024,2048)")
-    parser.add_argument("--parts", default="fit,memory,solve,large,polar,reuse", help="which measurements to run")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="which measurements to run (a subset keeps the other parts' committed results)")
     parser.add_argument("--large-size", type=int, default=None, help="alignment images of the large model (256)")
     parser.add_argument("--polar-dims", default=None, help="polar factor widths (default 1024,2048,4096)")
     parser.add_argument("--large-child", action="store_true", help=argparse.SUPPRESS)
@@ -275,7 +280,22 @@ def memory_child(n: int, args) -> dict:
     stats_bytes = sum(t.numel() * t.element_size() for s in merger.statistics_
                       for t in list(s._means) + list(s._moments.values()))
     dims = [int(s.n_features_[0]) for s in merger.statistics_]
+    # A second fit in the same process: without the one-time cost of loading and running torch.export.
+    del merger
+    gc.collect()
+    second = None
+    if reset and _reset_peak():
+        again = _proc_status_mib("VmRSS")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merger = ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device=args.device).fit(X)
+        second = _proc_status_mib("VmHWM") - again
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merger = ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device=args.device).fit(X)
     out = {"n_models": n, "baseline_mib": baseline, "peak_mib": peak, "fit_extra_mib": peak - baseline,
+           "second_fit_extra_mib": second,
            "statistics_mib": stats_bytes / 2**20, "sum_d2": int(sum(d * d for d in dims)),
            "captured_batch_mib": _tapped_bytes(merger, models[0], X[:args.batch_size]) / 2**20,
            "n_spaces": len(dims), "fit_seconds": merger.timings_["total"], "peak_reset": reset}
@@ -579,11 +599,13 @@ def make_tables(results: dict) -> dict:
         rows.append([r["n_models"], f"{r['baseline_mib']:.0f}", f"{r['fit_extra_mib']:.0f}",
                      f"{r['fit_extra_mib'] / r['n_models']:.1f}", f"{r['statistics_mib']:.1f}",
                      f"{r['statistics_mib'] / ((2 * r['n_models'] - 1) * r['sum_d2'] * 8 / 2**20):.3f}",
-                     f"{r['captured_batch_mib']:.1f}"]
+                     f"{r['captured_batch_mib']:.1f}",
+                     f"{r['second_fit_extra_mib']:.0f}" if r.get("second_fit_extra_mib") is not None else "-"]
                     + ([f"{r['gpu_peak_extra_mib']:.0f}"] if "gpu_peak_extra_mib" in r else []))
     header = ["models", "after loading (MiB)", "fit peak extra (MiB)", "extra per model (MiB)",
               "statistics (MiB)", "statistics / ((2 n_models - 1) sum d^2 x 8 B)",
-              "activations captured per batch and model (MiB)"]
+              "activations captured per batch and model (MiB)",
+              "second fit in the process, peak extra (MiB)"]
     if mem and "gpu_peak_extra_mib" in mem[0]:
         header.append("GPU peak extra (MiB)")
     tables["memory"] = (header, rows)
@@ -663,7 +685,8 @@ def write_outputs(results: dict, args) -> None:
             + (f" (glibc MALLOC_MMAP_THRESHOLD_={cfg['malloc_mmap_threshold']})"
                if "malloc_mmap_threshold" in cfg else "")
             + f".{memo} "
-            f"Machine: {machine_line(results['machine'])} Wall time {results['wall_seconds'] / 60:.1f} min.\n")
+            f"Machine: {machine_line(results['machine'])} Wall time {results['wall_seconds'] / 60:.1f} min."
+            + _reruns(results) + "\n")
     summary = headline(results)
     write_text(args.docs_dir / f"{args.doc_prefix}_meta.inc", meta)
     write_text(args.docs_dir / f"{args.doc_prefix}_summary.inc", summary)
@@ -709,8 +732,13 @@ def headline(results: dict) -> str:
             f"the batch is added. The constant part is the per-batch buffers of two models at a time "
             f"(the reference and the model being processed: captured inputs of the tapped layers, "
             f"{mem[-1]['captured_batch_mib']:.1f} MiB per model at batch size "
-            f"{results['config']['batch_size']}, and their centered copies), the averaged weights and "
-            f"allocator overhead.")
+            f"{results['config']['batch_size']}, and their centered copies), the averaged weights, "
+            f"allocator overhead and, in the first fit of a process, the one-time cost of loading and "
+            f"running torch.export"
+            + (f" (a second fit of {mem[-1]['n_models']} models in the same process peaks "
+               f"{mem[-1]['second_fit_extra_mib']:.0f} MiB above its start, against "
+               f"{mem[-1]['fit_extra_mib']:.0f} MiB for the first)"
+               if mem[-1].get("second_fit_extra_mib") is not None else "") + ".")
     large = results.get("large")
     if large:
         t = large["timings"]
@@ -762,6 +790,25 @@ def profile(args) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
+def _reruns(results: dict) -> str:
+    """The parts measured by a later run than the one the machine line describes."""
+    later = [(part, run) for part, run in results.get("part_runs", {}).items()
+             if run.get("machine", {}).get("date") != results["machine"].get("date")]
+    return "".join(f" Part ``{part}`` rerun: ``{run['command']}``, {machine_line(run['machine'])}"
+                   for part, run in later)
+
+
+def _part_runs(previous: dict) -> dict:
+    """Per part, the command and machine that measured it (results of older runs: their one command)."""
+    runs = dict(previous.get("part_runs", {}))
+    for part in PARTS:
+        if part in previous and part not in runs:
+            command = previous.get("command_large") if part == "large" and "command_large" in previous \
+                else previous["command"]
+            runs[part] = {"command": command, "machine": previous["machine"]}
+    return runs
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     setup_torch(args.threads)
@@ -779,12 +826,21 @@ def main(argv=None) -> dict | None:
         profile(args)
         return None
     start = time.perf_counter()
-    results = {"config": {"device": args.device, "width": args.width, "image_size": args.image_size,
+    partial = set(args.parts) != set(PARTS) and args.output.exists()
+    previous = read_json(args.output) if partial else {}
+    runs = _part_runs(previous)
+    results = {**previous, "config": {"device": args.device, "width": args.width, "image_size": args.image_size,
                           "batch_size": args.batch_size, "fit_sizes": args.fit_sizes,
                           "repeats": args.repeats, "memory_models": args.memory_models,
                           "memory_size": args.memory_size, "malloc_mmap_threshold": MMAP_THRESHOLD, "dims": args.dims, "threads": args.threads,
                           "cca_default": CCAAligner().get_params()["regularization"]},
                "machine": machine_info(args.device), "command": " ".join(sys.argv)}
+    results.pop("command_large", None)
+    if partial:  # the other parts keep their run's machine and command
+        results["machine"], results["command"] = previous["machine"], previous["command"]
+    for part in args.parts:
+        runs[part] = {"command": " ".join(sys.argv), "machine": machine_info(args.device)}
+    results["part_runs"] = runs
     if "fit" in args.parts:
         log("fit vs forward passes")
         results["fit"] = measure_fit(args)
@@ -804,8 +860,11 @@ def main(argv=None) -> dict | None:
     if "reuse" in args.parts:
         log("statistics reused across a grid search")
         results["reuse"] = measure_reuse(args)
-    results["wall_seconds"] = time.perf_counter() - start
-    results["cpu_seconds"] = time.process_time()
+    if not partial:
+        results["wall_seconds"] = time.perf_counter() - start
+        results["cpu_seconds"] = time.process_time()
+    for part in args.parts:
+        runs[part]["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_json(args.output, results)
     write_outputs(results, args)
     return results

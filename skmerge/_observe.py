@@ -79,11 +79,11 @@ class BatchObserver:
         class _Report:
             def observe(self, tensor, key):
                 nonlocal added
+                tensor = tensor.detach()
                 if observer.listener is not None:
-                    observer.listener.observe(k, key, tensor.detach())
+                    observer.listener.observe(k, key, tensor)
                 if key not in observer.taps:
                     return
-                tensor = tensor.detach()
                 alive.append(tensor)
                 call = calls[key]
                 calls[key] += 1
@@ -108,7 +108,12 @@ class BatchObserver:
                             "and the input data.") from None
                     added += 1
 
-        self.runner.run(tensors, (inputs,), _Report())
+        try:
+            self.runner.run(tensors, (inputs,), _Report())
+        finally:
+            # _Report, a class, lives in a reference cycle until the garbage collector runs: its
+            # closure must not keep this model's activations alive meanwhile.
+            alive.clear()
         if self.listener is not None:
             self.listener.after_batch(k, inputs)
         if first:

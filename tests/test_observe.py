@@ -132,3 +132,40 @@ def test_the_runner_never_touches_the_models():
     assert [m.training for m in model.modules()] == flags
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     _archs.assert_same_state(before, model)
+
+
+def test_a_models_activations_are_freed_when_its_run_ends():
+    """Nothing of the observer keeps a model's tapped tensors alive after its run, even before the
+    garbage collector runs (with many models, held activations added up to a model's activations
+    per model)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 3)
+    models = [_Looped(1), _Looped(1)]
+    refs = []
+
+    class _Listener:
+        def observe(self, k, key, tensor):
+            refs.append(weakref.ref(tensor))
+
+        def after_batch(self, k, inputs):
+            pass
+
+    taps = {"lin": [(0, Tap("lin", 1, dim=3))], "head": [(1, Tap("head", 1, dim=3))]}
+    statistics = [ReferenceCovariance(2, reference=0) for _ in range(2)]
+    spaces = [SimpleNamespace(name="input"), SimpleNamespace(name="hidden")]
+    observer = BatchObserver(statistics, spaces, taps, ModuleRunner(models[0], list(taps)), _Listener())
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        observer.run(model_tensors(models[0]), 0, x)
+        observer.run(model_tensors(models[1]), 1, x)
+        alive = [r for r in refs if r() is not None]
+    finally:
+        if enabled:
+            gc.enable()
+    assert len(refs) == 4 and not alive
+    observer.commit()
+    assert statistics[1].n_samples_ == 20
