@@ -67,6 +67,8 @@ def _cases():
         ("ResNet20 (CIFAR)", "skmerge.models", lambda: get_model("resnet20", width=0.5), _images((3, 32, 32))),
         ("ResNet18 (torchvision layout)", "skmerge.models", lambda: get_model("resnet18", width=0.125),
          _images((3, 32, 32))),
+        ("ViT (class token, fused qkv + SDPA)", "skmerge.models",
+         lambda: get_model("vit", dim=16, depth=2, heads=4), _images((3, 32, 32))),
     ]
     docs = {"mobilenet_v2": ("MobileNetV2", "torchvision blocks"),
             "efficientnet": ("EfficientNet (MBConv, SE, SiLU)", "torchvision blocks"),
