@@ -105,6 +105,10 @@ def parse_args(argv=None):
     parser.add_argument("--families", default=None,
                         help="comma-separated (default: every family with two or more checkpoints)")
     parser.add_argument("--methods", default=None, help="comma-separated keys (default: all)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="merge only the first PAIRS pairs of models (default: every pair)")
+    parser.add_argument("--no-all", action="store_true",
+                        help="do not merge all of a family's models together (pairs only)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of the learned coefficients (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -188,8 +192,8 @@ def run_family(name: str, args, previous: dict | None) -> dict:
     kept = [r for r in (previous or {}).get("records", []) if r["method"] not in args.method_keys]
     out = {"label": FAMILIES[name].label, "seeds": seeds, "n_align": len(X),
            "base": [accuracy(m, test) for m in models], "records": kept}
-    sets = [list(p) for p in itertools.combinations(range(len(models)), 2)]
-    if len(models) > 2 and not args.quick:
+    sets = [list(p) for p in itertools.combinations(range(len(models)), 2)][:args.pairs]
+    if len(models) > 2 and not (args.quick or args.no_all):
         sets.append(list(range(len(models))))
     for members in sets:
         chosen = [models[i] for i in members]
@@ -265,6 +269,57 @@ def make_tables(results: dict) -> dict:
     return tables
 
 
+#: (option, the method it is added to) pairs the findings compare.
+ADDED = [("permutation_repair", "permutation"), ("cca_repair", "cca"), ("cca_learned", "cca"),
+         ("permutation_fisher", "permutation"), ("permutation_regmean", "permutation"),
+         ("cca_fisher", "cca"), ("cca_regmean", "cca"), ("reference_free_cca", "cca"),
+         ("reference_free_permutation", "permutation"), ("zipit", "permutation")]
+
+
+def _means(records: list, n: int) -> dict:
+    """Mean test accuracy per method over the sets of ``n`` models (methods that never failed)."""
+    out = {}
+    for key, _ in METHODS:
+        mine = [r for r in records if r["method"] == key and r["n_models"] == n and r["reference"] == 0]
+        if mine and all("accuracy" in r for r in mine):
+            out[key] = float(np.mean([r["accuracy"] for r in mine]))
+    return out
+
+
+def findings(results: dict) -> str:
+    """Where each method wins and where it does not, in words computed from the results."""
+    labels = dict(METHODS)
+    lines = ["What the tables show (generated from the results; means over the sets of models, "
+             "so differences of a point are within the spread between sets):", ""]
+    for fam in results["families"].values():
+        for n in sorted({r["n_models"] for r in fam["records"]}):
+            means = _means(fam["records"], n)
+            if not means:
+                continue
+            order = sorted(means, key=means.get, reverse=True)
+            base = float(np.mean(fam["base"]))
+            top = ", ".join(f"{labels[k]} {100 * means[k]:.1f}" for k in order[:3])
+            single = [k for k in order if k not in ("zipit_half",)]  # one model, not a multi-head one
+            lines.append(f"* {fam['label']}, {n} models (base models {100 * base:.1f}): best {top}; "
+                         f"the best single merged model ({labels[single[0]]}) keeps "
+                         f"{100 * means[single[0]] / base:.0f} % of the base accuracy. "
+                         f"CCA {100 * means.get('cca', float('nan')):.1f} against permutation "
+                         f"{100 * means.get('permutation', float('nan')):.1f}.")
+    for option, start in ADDED:
+        gains = []
+        for fam in results["families"].values():
+            for n in sorted({r["n_models"] for r in fam["records"]}):
+                means = _means(fam["records"], n)
+                if option in means and start in means:
+                    gains.append((fam["label"], n, 100 * (means[option] - means[start])))
+        if gains:
+            better = sum(g > 0 for _, _, g in gains)
+            lines.append(f"* {labels[option]} against {labels[start]}: better in {better} of {len(gains)} "
+                         "settings (" + "; ".join(f"{label} {n} models {g:+.1f}" for label, n, g in gains)
+                         + " points).")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(results: dict, args) -> None:
     from _common import machine_line, write_text
 
@@ -276,6 +331,7 @@ def write_outputs(results: dict, args) -> None:
                          f"{machine_line(run['machine'])}")
     write_text(args.docs_dir / "methods_meta.inc", "Runs (machine shared with other jobs):\n\n" +
                "\n".join(f"- {line}" for line in lines) + "\n")
+    write_text(args.docs_dir / "methods_findings.inc", findings(results))
 
 
 def _store(path, results: dict, mine: list) -> dict:

@@ -121,6 +121,26 @@ def test_methods_tables_are_the_committed_results():
     assert checked > 0
 
 
+def test_methods_findings_are_generated_from_the_committed_results():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import methods
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "methods.json").read_text())
+    text = (DOCS / "_generated" / "benchmarks" / "methods_findings.inc").read_text()
+    assert text == methods.findings(results)
+    best = {}
+    for family in results["families"].values():  # the first line per family names the best merge
+        records = [r for r in family["records"] if r["reference"] == 0 and r["n_models"] == 2]
+        by_method = {}
+        for r in records:
+            by_method.setdefault(r["method"], []).append(r.get("accuracy"))
+        means = {k: np.mean(v) for k, v in by_method.items() if None not in v}
+        best[family["label"]] = f"{100 * max(means.values()):.1f}"
+    for label, value in best.items():
+        (line,) = [x for x in text.splitlines() if x.startswith(f"* {label}, 2 models")]
+        assert re.search(r"best [^;]*? (\d+\.\d),", line).group(1) == value, line
+
+
 def _methods_label(key: str) -> str:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import methods
