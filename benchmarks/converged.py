@@ -1,9 +1,9 @@
 """Merge quality on converged base models, and where the spaces are observed.
 
 The base models are the committed checkpoints of ``benchmarks/models/``
-(Fashion-MNIST, trained by ``benchmarks/base_models.py`` to 92-94 % test
-accuracy). For every family with at least two trained models, every pair of
-models and all the models together are merged with
+(Fashion-MNIST, trained by ``benchmarks/base_models.py``). For every family
+with at least two trained models, every pair of models and all the models
+together are merged with
 
 * ``PermutationAligner()`` (one-to-one matching of the features),
 * ``CCAAligner()`` at its default regularization (0.3),

@@ -214,6 +214,24 @@ def test_vit_layout_width_and_errors():
         ViT(dim=16, heads=3)
 
 
+@pytest.mark.parametrize("taps", ["formed", "consumers", "both"])
+def test_vit_keeps_its_query_key_spaces_at_every_tap_placement(taps):
+    """No layer reads a query-key space as its input: with ``taps="consumers"`` it is observed where
+    it is formed, not dropped (dropped, the head order of its value-output space alone changed the
+    function)."""
+    from skmerge.graph import check_spaces, find_spaces
+
+    torch.manual_seed(0)
+    model = get_model("vit", **dict(VIT, dim=32)).eval()
+    x = torch.randn(4, 1, 28, 28)
+    spaces = find_spaces(model, x[:2], taps=taps)
+    roles = [s.name.rsplit("(", 1)[-1] for s in spaces if "attn" in s.name]
+    assert roles == ["query-key)", "value-output)"] * 2
+    query_key = [s for s in spaces if "query-key" in s.name]
+    assert all(t.dual for s in query_key for t in s.taps if t.dual) and all(s.taps for s in query_key)
+    check_spaces(model, x, spaces=spaces)
+
+
 def test_vit_spaces_are_exact_under_permutations_with_heads_matched():
     """Spaces found on the exported graph: the residual stream, per block a query-key and a
     value-output space (block-diagonal over the heads) and the MLP; a merge with a permuted copy

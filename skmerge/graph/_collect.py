@@ -258,8 +258,8 @@ def collect(walker) -> list[Space]:
                     target[s].extend(_slices(name, axis, index, shapes.get(name, ()), kind,
                                              walker.t.aliases))
 
-    taps = defaultdict(list)
-    for node_name, lay, shape in rec.taps:
+    taps, fallback_taps = defaultdict(list), defaultdict(list)
+    for node_name, lay, shape, fallback in rec.taps:
         labels = lay.labels.reshape(-1)
         valid = labels > FIXED
         s_of = torch.full_like(labels, -1)
@@ -277,14 +277,23 @@ def collect(walker) -> list[Space]:
                 if index is None:
                     continue  # the tensor holds only some channels of the space
                 module = walker.t.module_path(nodes[node_name])
-                taps[s].append(_graph_tap(node_name, lay, index, bool(dual), module, chans, mask))
+                (fallback_taps if fallback else taps)[s].append(
+                    _graph_tap(node_name, lay, index, bool(dual), module, chans, mask))
+    for s, found in fallback_taps.items():
+        if not taps[s]:
+            taps[s] = found
 
-    spaces = []
     order = sorted(range(len(spaces_meta)), key=lambda s: spaces_meta[s]["first"])
-    for s in order:
+    kept = [s for s in order if taps[s] and producers[s] and consumers[s]]
+    # never observed, nothing creates it or nothing reads it: nothing to align. Spaces whose
+    # heads are matched together (query-key and value-output) go together: a head order
+    # applied to some of them only would change the function.
+    dropped = {spaces_meta[s]["family"] for s in order if s not in kept and spaces_meta[s]["family"] is not None}
+    spaces = []
+    for s in kept:
         meta = spaces_meta[s]
-        if not taps[s] or not producers[s] or not consumers[s]:
-            continue  # never observed, nothing creates it or nothing reads it: nothing to align
+        if meta["family"] is not None and meta["family"] in dropped:
+            continue
         d = len(meta["roots"])
         spaces.append(Space(
             d, _dedup(producers[s]), _dedup(consumers[s]), tuple(taps[s]), meta["block"] or d,

@@ -106,7 +106,9 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         (or of the producer or its norm), over all positions, before any
         pooling or strided op, as in the CCA Merge paper; a residual stream
         at every block output. ``"consumers"``: the inputs of the layers that
-        read the space (after pooling and flattening). ``"both"``: all of them,
+        read the space (after pooling and flattening), or where it is formed
+        when no layer reads it as its input (attention's query-key spaces).
+        ``"both"``: all of them,
         pooled. The default is the measured best (see the benchmarks page);
         the others are for studies.
 

@@ -105,7 +105,7 @@ class Records:
     reads: list = field(default_factory=list)
     links: list = field(default_factory=list)  # (atoms, family elements)
     fixes: list = field(default_factory=list)
-    taps: list = field(default_factory=list)  # (node name, Layout, shape)
+    taps: list = field(default_factory=list)  # (node name, Layout, shape, fallback)
 
 
 def _has_tensor(value) -> bool:
@@ -494,8 +494,8 @@ class Walker:
         if self.tap_placement not in ("formed", "consumers", "both"):
             raise ValueError(f"tap placement must be 'formed', 'consumers' or 'both', "
                              f"got {self.tap_placement!r}")
-        nodes = []
-        if self.tap_placement in ("formed", "both"):
+        formed = []
+        if True:  # where features are formed: the taps of "formed" and "both", the fallback of "consumers"
             starts = []
             for node in self.formers:  # a layer with several outputs: start at each of them
                 if isinstance(self.env.get(node), list):
@@ -512,14 +512,19 @@ class Walker:
                     if user not in self.chain or not isinstance(self.env.get(user), Layout):
                         break
                     end = user
-                nodes.append(end)
+                formed.append(end)
+        # (node, fallback): with "consumers", a space that no layer reads as its input (the
+        # query-key space of attention) is observed where it is formed instead
+        nodes = [(n, False) for n in formed] if self.tap_placement in ("formed", "both") else []
         if self.tap_placement in ("consumers", "both"):
-            nodes.extend(self.consumer_inputs)
+            nodes.extend((n, False) for n in self.consumer_inputs)
+        if self.tap_placement == "consumers":
+            nodes.extend((n, True) for n in formed)
         seen = set()
-        for node in nodes:
+        for node, fallback in nodes:
             lay = self.env.get(node)
             if node in seen or not isinstance(lay, Layout) or not lay.has_features:
                 continue
             seen.add(node)
-            self.rec.taps.append((node.name, lay, self.t.shapes[node]))
+            self.rec.taps.append((node.name, lay, self.t.shapes[node], fallback))
 
