@@ -33,6 +33,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "vgg16": dict(width=0.25, epochs=10, kwargs={}),
     "resnet20": dict(width=1.0, epochs=10, kwargs={}),
     "resnet18": dict(width=0.25, epochs=10, kwargs=dict(stem="cifar")),
+    "vit": dict(width=0.5, epochs=60, kwargs=dict(patch_size=4, depth=2)),
 }
 
 

@@ -27,7 +27,7 @@ EXIT_ERROR = 2
 
 # Kept here (not imported from skmerge.models/datasets, which import torch) so
 # that building the parser stays cheap; a test checks they match the registries.
-MODELS = ("mlp", "resnet18", "resnet20", "vgg11", "vgg16")
+MODELS = ("mlp", "resnet18", "resnet20", "vgg11", "vgg16", "vit")
 DATASETS = ("cifar10", "cifar100", "digits", "fashion-mnist")
 _DATASET_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
                     "cifar-10": "cifar10", "cifar-100": "cifar100"}

@@ -9,6 +9,10 @@ Default recipes (used when ``optimizer``/``lr``/``schedule`` are left at
   cosine decay to zero (``"warmup_cosine"``).
 * **MLPs** (no conv): Adam, learning rate 1e-3, no weight decay, cosine
   decay to zero over all steps (``"cosine"``).
+* **transformers** (any ``LayerNorm`` inside and no ``BatchNorm``, e.g.
+  :class:`skmerge.models.ViT`, ConvNeXt; this takes precedence over the
+  two above): AdamW, learning rate 1e-3, weight decay 0.05, warmup and cosine
+  decay (``"warmup_cosine"``).
 
 Reproducibility: given ``seed``, shuffling and augmentation use a local
 :class:`torch.Generator`; dropout uses the global torch RNG, which is seeded
@@ -170,8 +174,17 @@ def _is_convnet(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
 
 
+def _family(model: nn.Module) -> str:
+    """``"transformer"``, ``"conv"`` or ``"mlp"``: which default recipe trains the model."""
+    modules = list(model.modules())
+    if any(isinstance(m, nn.LayerNorm) for m in modules) and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+        return "transformer"
+    return "conv" if _is_convnet(model) else "mlp"
+
+
 def _make_optimizer(model: nn.Module, optimizer: Any, lr: float | None,
-                    weight_decay: float | None, batch_size: int, conv: bool
+                    weight_decay: float | None, batch_size: int, family: str
                     ) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if callable(optimizer) and not isinstance(optimizer, str):
@@ -179,14 +192,14 @@ def _make_optimizer(model: nn.Module, optimizer: Any, lr: float | None,
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError("optimizer callable must return a torch.optim.Optimizer")
         return opt
-    name = optimizer or ("sgd" if conv else "adam")
+    name = optimizer or {"conv": "sgd", "mlp": "adam", "transformer": "adamw"}[family]
     if name == "sgd":
         return torch.optim.SGD(
             params, lr=lr if lr is not None else 0.05 * batch_size / 128, momentum=0.9,
             nesterov=True, weight_decay=5e-4 if weight_decay is None else weight_decay)
     if name in ("adam", "adamw"):
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        default_wd = 0.0 if name == "adam" else 1e-2
+        default_wd = 0.0 if name == "adam" else 0.05 if family == "transformer" else 1e-2
         return cls(params, lr=lr if lr is not None else 1e-3,
                    weight_decay=default_wd if weight_decay is None else weight_decay)
     raise ValueError(f"optimizer must be None, 'sgd', 'adam', 'adamw' or a callable "
@@ -242,14 +255,16 @@ def train_model(
         for Adam/AdamW.
     optimizer : {"sgd", "adam", "adamw"} or callable, optional
         Default by family: SGD (momentum 0.9, Nesterov) for conv nets, Adam
-        for MLPs. A callable receives the trainable parameters and returns an
+        for MLPs, AdamW for transformers (see the module docstring). A callable receives the trainable parameters and returns an
         optimizer (``lr``/``weight_decay`` are then ignored; the schedule
         multiplies its learning rate).
     weight_decay : float, optional
-        Default: 5e-4 for SGD, 0 for Adam, 1e-2 for AdamW.
+        Default: 5e-4 for SGD, 0 for Adam, 1e-2 for AdamW (0.05 for
+        transformers).
     schedule : {"warmup_cosine", "cosine", "constant"}, optional
         Per-step learning-rate schedule. Default: ``"warmup_cosine"`` (10 %
-        linear warmup, then cosine to 0) for conv nets, ``"cosine"`` for MLPs.
+        linear warmup, then cosine to 0) for conv nets and transformers,
+        ``"cosine"`` for MLPs.
     augment : {"crop", "flip", "crop_flip"}, optional
         On-the-fly augmentation of image batches: random crop after zero
         padding of ``H // 8`` pixels (4 for 32x32) and/or random horizontal
@@ -286,11 +301,11 @@ def train_model(
         raise ValueError(f"augment must be None or one of {_AUGMENTS}, got {augment!r}")
     dev = _resolve_device(model, device)
     model.to(dev)
-    conv = _is_convnet(model)
-    schedule = schedule or ("warmup_cosine" if conv else "cosine")
+    family = _family(model)
+    schedule = schedule or ("cosine" if family == "mlp" else "warmup_cosine")
     if schedule not in _SCHEDULES:
         raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
-    opt = _make_optimizer(model, optimizer, lr, weight_decay, batch_size, conv)
+    opt = _make_optimizer(model, optimizer, lr, weight_decay, batch_size, family)
     n = len(dataset)
     steps_per_epoch = n // batch_size + (n % batch_size > 1)
     sched = torch.optim.lr_scheduler.LambdaLR(

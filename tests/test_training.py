@@ -160,6 +160,30 @@ def test_optimizer_options(small):
         train_model(model, small, epochs=1, optimizer="sgd", lr=1e30)
 
 
+@pytest.mark.parametrize("name,kwargs,expected", [
+    ("mlp", {}, (torch.optim.Adam, 0.0)),
+    ("vgg11", {"width": 0.125}, (torch.optim.SGD, 5e-4)),
+    ("vit", {"patch_size": 4, "dim": 16, "depth": 1}, (torch.optim.AdamW, 0.05)),
+])
+def test_default_recipes_follow_the_model_family(name, kwargs, expected):
+    """Conv nets train with SGD, MLPs with Adam, models with LayerNorm and no BatchNorm with AdamW."""
+    from skmerge import training
+
+    model = get_model(name, **kwargs, **DIGITS)
+    seen = []
+    original = training._make_optimizer
+
+    def spy(*args, **kw):
+        seen.append(original(*args, **kw))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "_make_optimizer", spy)
+        train_model(model, TensorDataset(torch.randn(8, 1, 8, 8), torch.arange(8) % 10), epochs=1)
+    (opt,) = seen
+    assert type(opt) is expected[0] and opt.defaults["weight_decay"] == expected[1]
+
+
 def test_lr_schedules():
     f = _lr_factor("warmup_cosine", 100)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
