@@ -272,15 +272,15 @@ def _update_manifest(models_dir: Path, name: str, seed: int, recipe: dict, recor
 
 
 def markdown_table(manifest: dict) -> str:
-    rows = ["| family | parameters | epochs | lr | test accuracy, % (mean ± std over seeds, min..max) "
-            "| training (CPU time, all seeds) | files |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| family | parameters | optimizer | epochs | lr | test accuracy, % (mean ± std over seeds, "
+            "min..max) | training (CPU time, all seeds) | files |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, fam in manifest["families"].items():
         r = fam["recipe"]
         acc = (f"{100 * fam['test_accuracy_mean']:.2f} ± {100 * fam['test_accuracy_std']:.2f} "
                f"({100 * fam['test_accuracy_min']:.2f}..{100 * fam['test_accuracy_max']:.2f}), "
                f"{fam['n_models']} seed{'s' if fam['n_models'] > 1 else ''}")
-        rows.append(f"| `{name}` | {fam['parameters']:,} | {r['epochs']} | {r['lr']:g} | {acc} "
+        rows.append(f"| `{name}` | {fam['parameters']:,} | {r['optimizer']} | {r['epochs']} | {r['lr']:g} | {acc} "
                     f"| {fam['train_cpu_seconds'] / 60:.0f} min | {fam['bytes'] / 2**20:.1f} MiB |")
     total = manifest["total"]
     threads = sorted({r["threads"] for f in manifest["families"].values() for r in f["seeds"].values()})
