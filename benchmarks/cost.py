@@ -836,10 +836,12 @@ def main(argv=None) -> dict | None:
                           "cca_default": CCAAligner().get_params()["regularization"]},
                "machine": machine_info(args.device), "command": " ".join(sys.argv)}
     results.pop("command_large", None)
-    if partial:  # the other parts keep their run's machine and command
+    config = results["config"]
+    if partial:  # the other parts keep their run's machine, command and settings
         results["machine"], results["command"] = previous["machine"], previous["command"]
+        results["config"] = previous["config"]
     for part in args.parts:
-        runs[part] = {"command": " ".join(sys.argv), "machine": machine_info(args.device)}
+        runs[part] = {"command": " ".join(sys.argv), "machine": machine_info(args.device), "config": config}
     results["part_runs"] = runs
     if "fit" in args.parts:
         log("fit vs forward passes")

@@ -182,7 +182,9 @@ def _record(key, chosen, X, y, test, args, reference: int = 0) -> dict:
     return {"accuracy": accuracy(merged, test), "seconds": seconds}
 
 
-def run_family(name: str, args, previous: dict | None) -> dict:
+def run_family(name: str, args, previous: dict | None, save=lambda out: None) -> dict:
+    """Every method on every set of one family's models; ``save(out)`` after each set (a long run
+    that is stopped keeps the sets it finished)."""
     seeds = available_seeds(name)
     models, data = load_base_models(name, seeds)
     X, y = (t[:args.n_align] for t in data["heldout"].tensors)
@@ -205,6 +207,7 @@ def run_family(name: str, args, previous: dict | None) -> dict:
                                    "method": key, "reference": 0, **record})
             line.append(f"{key} {100 * record['accuracy']:.1f}" if "accuracy" in record else f"{key} n/a")
         log(f"  [{name}] n={n} set {s}: " + ", ".join(line))
+        save(out)
         if n < 3:
             continue
         for key, _ in BY_REFERENCE:
@@ -218,6 +221,7 @@ def run_family(name: str, args, previous: dict | None) -> dict:
                                        "method": key, "reference": reference, **record})
                 accs.append(f"{100 * record['accuracy']:.1f}" if "accuracy" in record else "n/a")
             log(f"  [{name}] n={n} {key} other references: " + ", ".join(accs))
+        save(out)
     return out
 
 
@@ -313,7 +317,7 @@ def findings(results: dict) -> str:
                 if option in means and start in means:
                     gains.append((fam["label"], n, 100 * (means[option] - means[start])))
         if gains:
-            better = sum(g > 0 for _, _, g in gains)
+            better = sum(round(g, 1) > 0 for _, _, g in gains)  # as printed: +0.0 is not better
             lines.append(f"* {labels[option]} against {labels[start]}: better in {better} of {len(gains)} "
                          "settings (" + "; ".join(f"{label} {n} models {g:+.1f}" for label, n, g in gains)
                          + " points).")
@@ -368,14 +372,19 @@ def main(argv=None) -> dict:
     for name in args.family_names:
         log(f"[{name}]")
         machine, tick = machine_info("cpu"), time.perf_counter()
-        results["families"][name] = run_family(name, args, previous.get("families", {}).get(name))
         earlier = previous.get("families", {}).get(name, {}).get("runs", [])
-        kept = {r["method"] for r in results["families"][name]["records"]} - set(args.method_keys)
-        results["families"][name]["runs"] = [r for r in earlier if set(r["methods"]) & kept] + [
-            {"command": command, "machine": machine, "methods": args.method_keys,
-             "wall_seconds": round(time.perf_counter() - tick, 1)}]
-        results["wall_seconds"] = time.perf_counter() - start
-        results = _store(args.output, results, args.family_names)
+
+        def save(out, name=name, machine=machine, tick=tick, earlier=earlier):
+            nonlocal results
+            kept = {r["method"] for r in out["records"]} - set(args.method_keys)
+            out["runs"] = [r for r in earlier if set(r["methods"]) & kept] + [
+                {"command": command, "machine": machine, "methods": args.method_keys,
+                 "wall_seconds": round(time.perf_counter() - tick, 1)}]
+            results["families"][name] = out
+            results["wall_seconds"] = time.perf_counter() - start
+            results = _store(args.output, results, [k for k in args.family_names if k in results["families"]])
+
+        save(run_family(name, args, previous.get("families", {}).get(name), save))
     write_outputs(results, args)
     log(f"wrote {args.output} in {time.perf_counter() - start:.0f} s")
     return results

@@ -116,7 +116,8 @@ def test_methods_tables_are_the_committed_results():
                 if cell.startswith("n/a"):
                     assert any("error" in r for r in mine)
                     continue
-                assert cell.split(" ±")[0] == f"{100 * np.mean([r['accuracy'] for r in mine]):.1f}", (row, n)
+                mean = 100 * np.mean([r["accuracy"] for r in mine])
+                assert abs(float(cell.split(" ±")[0]) - mean) <= 0.05 + 1e-9, (row, n)  # printed to 0.1
                 checked += 1
     assert checked > 0
 
