@@ -246,9 +246,21 @@ def main(argv=None) -> None:
         fam = results["families"][family]
         runs = [r for r in fam.get("runs", []) if r["command"] != command]
         fam["runs"] = runs + [{"command": command, "wall_minutes": (time.perf_counter() - start) / 60}]
+        results = _store(family, fam)
+    write_tables(results)
+
+
+def _store(family: str, fam: dict) -> dict:
+    """Write one family's results into the JSON as it is now (runs for other families may overlap)."""
+    import fcntl
+
+    with open(OUTPUT.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = read_json(OUTPUT) if OUTPUT.exists() else {"families": {}}
+        results["families"][family] = fam
         results["machine"] = machine_info()
         write_json(OUTPUT, results)
-    write_tables(results)
+    return results
 
 
 if __name__ == "__main__":
