@@ -166,6 +166,27 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
+def update_families(path: Path, families: dict, order=None, **fields) -> dict:
+    """Write ``families`` (name -> results) and ``fields`` into the results JSON at ``path``.
+
+    The families that other runs wrote meanwhile are kept: the file is read
+    and written under a lock, so runs for different families may overlap.
+    ``order`` (family names) orders the families. Returns the results written.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = read_json(path) if path.exists() else {}
+        merged = {**results.get("families", {}), **families}
+        if order is not None:
+            merged = {k: merged[k] for k in order if k in merged}
+        results.update(fields, families=merged)
+        write_json(path, results)
+    return results
+
+
 def _jsonable(value):
     if isinstance(value, (np.integer,)):
         return int(value)

@@ -47,7 +47,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 
 from _base_models import FAMILIES, accuracy, available_seeds, load_base_models  # noqa: E402
 from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, rst_table,  # noqa: E402
-                     setup_torch, write_json, write_text)
+                     setup_torch, update_families, write_text)
 from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
 from skmerge.graph import find_spaces  # noqa: E402
 
@@ -246,21 +246,9 @@ def main(argv=None) -> None:
         fam = results["families"][family]
         runs = [r for r in fam.get("runs", []) if r["command"] != command]
         fam["runs"] = runs + [{"command": command, "wall_minutes": (time.perf_counter() - start) / 60}]
-        results = _store(family, fam)
+        results = update_families(OUTPUT, {family: fam}, machine=machine_info())
     write_tables(results)
 
-
-def _store(family: str, fam: dict) -> dict:
-    """Write one family's results into the JSON as it is now (runs for other families may overlap)."""
-    import fcntl
-
-    with open(OUTPUT.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = read_json(OUTPUT) if OUTPUT.exists() else {"families": {}}
-        results["families"][family] = fam
-        results["machine"] = machine_info()
-        write_json(OUTPUT, results)
-    return results
 
 
 if __name__ == "__main__":

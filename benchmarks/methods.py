@@ -57,7 +57,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 
 from _base_models import FAMILIES, accuracy, available_seeds, load_base_models  # noqa: E402
 from _common import (CACHE, GENERATED, RESULTS, log, machine_info, pm, read_json,  # noqa: E402
-                     setup_torch, write_json, write_tables)
+                     setup_torch, update_families, write_tables)
 from skmerge import (CCAAligner, IdentityAligner, ModelMerger, OptimalTransportAligner,  # noqa: E402
                      PermutationAligner, ProcrustesAligner)
 from skmerge._statistics_cache import clear_statistics_cache  # noqa: E402
@@ -338,22 +338,6 @@ def write_outputs(results: dict, args) -> None:
     write_text(args.docs_dir / "methods_findings.inc", findings(results))
 
 
-def _store(path, results: dict, mine: list) -> dict:
-    """Write ``results``, keeping the families that another run wrote meanwhile (runs may overlap)."""
-    import fcntl
-
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        current = read_json(path) if path.exists() else {}
-        if "accuracy_config" in current.get("config", {}):
-            current = {}
-        families = {k: v for k, v in current.get("families", {}).items() if k not in mine}
-        families.update({k: v for k, v in results["families"].items() if k in mine})
-        results = dict(results, families={k: families[k] for k in FAMILIES if k in families})
-        write_json(path, results)
-    return results
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.tables_only:
@@ -363,12 +347,10 @@ def main(argv=None) -> dict:
     setup_torch(args.threads)
     start = time.perf_counter()
     previous = read_json(args.output) if args.output.exists() else {}
-    if "accuracy_config" in previous.get("config", {}):  # the results of the older base models
-        previous = {}
     command = " ".join(["python"] + sys.argv)
-    results = {"machine": machine_info("cpu"), "command": command,
-               "config": {"n_align": args.n_align, "epochs": args.epochs, "n_test": 200 if args.quick else 10000},
-               "families": {}}
+    fields = {"machine": machine_info("cpu"), "command": command,
+              "config": {"n_align": args.n_align, "epochs": args.epochs, "n_test": 200 if args.quick else 10000}}
+    results = previous
     for name in args.family_names:
         log(f"[{name}]")
         machine, tick = machine_info("cpu"), time.perf_counter()
@@ -380,9 +362,8 @@ def main(argv=None) -> dict:
             out["runs"] = [r for r in earlier if set(r["methods"]) & kept] + [
                 {"command": command, "machine": machine, "methods": args.method_keys,
                  "wall_seconds": round(time.perf_counter() - tick, 1)}]
-            results["families"][name] = out
-            results["wall_seconds"] = time.perf_counter() - start
-            results = _store(args.output, results, [k for k in args.family_names if k in results["families"]])
+            results = update_families(args.output, {name: out}, order=FAMILIES, **fields,
+                                      wall_seconds=time.perf_counter() - start)
 
         save(run_family(name, args, previous.get("families", {}).get(name), save))
     write_outputs(results, args)

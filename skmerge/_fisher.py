@@ -83,9 +83,13 @@ class FisherSums:
         out = torch.func.functional_call(self.copy, (params, self.buffers), (x.unsqueeze(0),))
         return (torch.log_softmax(out, dim=-1).reshape(-1) * target).sum()
 
-    def add(self, inputs: torch.Tensor) -> None:
-        with torch.no_grad():
-            logits = torch.func.functional_call(self.copy, (self.params, self.buffers), (inputs,))
+    def add(self, inputs: torch.Tensor, outputs: tuple | None = None) -> None:
+        """Add a batch; ``outputs``: the model's outputs on it when a forward pass already made them."""
+        if outputs is not None and len(outputs) == 1:  # the logits of the merger's pass: no second forward
+            logits = outputs[0]
+        else:
+            with torch.no_grad():
+                logits = torch.func.functional_call(self.copy, (self.params, self.buffers), (inputs,))
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(inputs):
             raise ValueError("Fisher merging needs a classifier whose output is a (n_samples, n_classes) "
                              f"tensor of logits; this model returns {_described(logits)}.")

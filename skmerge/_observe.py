@@ -53,8 +53,9 @@ class BatchObserver:
         Runs a model's computation with given tensors and reports the taps.
     listener : object, optional
         Also gets every reported tensor, ``listener.observe(k, key, tensor)``,
-        and ``listener.after_batch(k, inputs)`` after model ``k`` ran (the
-        statistics of ``ModelMerger(combine=...)``).
+        and ``listener.after_batch(k, inputs, outputs)`` after model ``k`` ran
+        (``outputs``: the runner's output tensors; the statistics of
+        ``ModelMerger(combine=...)``).
     """
 
     def __init__(self, statistics: list, spaces: list, taps: dict, runner, listener=None) -> None:
@@ -109,13 +110,13 @@ class BatchObserver:
                     added += 1
 
         try:
-            self.runner.run(tensors, (inputs,), _Report())
+            outputs = self.runner.run(tensors, (inputs,), _Report())
         finally:
             # _Report, a class, lives in a reference cycle until the garbage collector runs: its
             # closure must not keep this model's activations alive meanwhile.
             alive.clear()
         if self.listener is not None:
-            self.listener.after_batch(k, inputs)
+            self.listener.after_batch(k, inputs, outputs)
         if first:
             missing = set(self.taps) - calls.keys()
             if missing:

@@ -105,7 +105,8 @@ class _PassStream:
 
     The merger asks its runner to also report ``keys`` (graph nodes or
     module paths), calls :meth:`observe` with every reported tensor of model
-    ``k`` and :meth:`after_batch` once model ``k`` has seen a batch; then
+    ``k`` and :meth:`after_batch` once model ``k`` has seen a batch (with the
+    output tensors of that forward pass); then
     :meth:`finish` sets the combination's statistics. ``seconds`` is the
     time spent in these calls, ``n_calls`` the number of (model, batch)
     runs seen.
@@ -121,16 +122,16 @@ class _PassStream:
         self._observe(k, key, tensor)
         self.seconds += time.perf_counter() - tick
 
-    def after_batch(self, k: int, inputs: torch.Tensor) -> None:
+    def after_batch(self, k: int, inputs: torch.Tensor, outputs: tuple) -> None:
         tick = time.perf_counter()
-        self._after_batch(k, inputs)
+        self._after_batch(k, inputs, outputs)
         self.n_calls += 1
         self.seconds += time.perf_counter() - tick
 
     def _observe(self, k, key, tensor) -> None:
         pass
 
-    def _after_batch(self, k, inputs) -> None:
+    def _after_batch(self, k, inputs, outputs) -> None:
         pass
 
     def finish(self, merger, models, loader, dtype) -> None:
@@ -145,10 +146,10 @@ class _FisherStream(_PassStream):
         self.combination = combination
         self.sums = [FisherSums(model, merger.device_, int(combination.random_state)) for model in models]
 
-    def _after_batch(self, k, inputs) -> None:
+    def _after_batch(self, k, inputs, outputs) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            self.sums[k].add(inputs)
+            self.sums[k].add(inputs, outputs)  # the pass's logits: the labels are drawn from them
 
     def finish(self, merger, models, loader, dtype) -> None:
         self.combination.fishers_ = [sums.fisher() for sums in self.sums]
@@ -215,12 +216,12 @@ class Fisher(_Combination):
 
     Notes
     -----
-    Costs one forward and backward pass per model over the alignment data,
-    with per-example gradients (``torch.func.vmap``; one example at a time,
-    with a warning, for models whose ops vmap cannot batch), made batch by
-    batch inside the merger's alignment pass (so a stream that can be read
-    only once suffices). The models must return ``(n_samples, n_classes)``
-    logits.
+    Costs per-example gradients of every model over the alignment data
+    (``torch.func.vmap``; one example at a time, with a warning, for models
+    whose ops vmap cannot batch), made batch by batch inside the merger's
+    alignment pass, whose forward pass gives the logits the labels are drawn
+    from (so a stream that can be read only once suffices). The models must
+    return ``(n_samples, n_classes)`` logits.
     """
 
     _statistics_params = ("random_state",)

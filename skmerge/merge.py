@@ -82,8 +82,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         outputs from their inputs (RegMean, Jin et al., ICLR 2023;
         :class:`~skmerge.combine.RegMean`), the rest averaged. Both are
         measured inside the alignment pass over ``X`` (RegMean: a Gram
-        product per layer and batch; Fisher: a forward and backward pass per
-        model with per-example gradients), hold every aligned model's state
+        product per layer and batch; Fisher: per-example gradients of every
+        model), hold every aligned model's state
         at once while combining (uniform
         averaging transforms and adds one tensor at a time) and combine with
         ``weights``. An instance sets their parameters (``combine__alpha``

@@ -308,6 +308,24 @@ def test_the_alignment_pass_measures_the_combination_statistics(arch, combine):
         assert first in merger.combination_.grams_[0]
 
 
+def test_fisher_draws_its_labels_from_the_logits_of_the_alignment_pass(monkeypatch):
+    """No second forward pass per batch: the merger's runner outputs are the logits Fisher samples from."""
+    from skmerge._fisher import FisherSums
+
+    seen = []
+    original = FisherSums.add
+
+    def spy(self, inputs, outputs=None):
+        seen.append(outputs is not None and len(outputs) == 1 and outputs[0].shape == (len(inputs), 5))
+        return original(self, inputs, outputs)
+
+    monkeypatch.setattr(FisherSums, "add", spy)
+    models = [_make("mlp", seed) for seed in range(2)]
+    _quiet(lambda: ModelMerger(models, PermutationAligner(), combine="fisher", batch_size=16,
+                               device="cpu").fit(_archs.inputs("mlp", 48, 0)))
+    assert seen == [True] * 6  # 3 batches x 2 models
+
+
 @pytest.mark.parametrize("combine", ["regmean", "fisher"])
 def test_a_one_shot_stream_is_enough_for_a_combination(combine):
     from torch.utils.data import DataLoader

@@ -150,7 +150,7 @@ def test_a_models_activations_are_freed_when_its_run_ends():
         def observe(self, k, key, tensor):
             refs.append(weakref.ref(tensor))
 
-        def after_batch(self, k, inputs):
+        def after_batch(self, k, inputs, outputs):
             pass
 
     taps = {"lin": [(0, Tap("lin", 1, dim=3))], "head": [(1, Tap("head", 1, dim=3))]}

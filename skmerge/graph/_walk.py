@@ -494,25 +494,24 @@ class Walker:
         if self.tap_placement not in ("formed", "consumers", "both"):
             raise ValueError(f"tap placement must be 'formed', 'consumers' or 'both', "
                              f"got {self.tap_placement!r}")
-        formed = []
-        if True:  # where features are formed: the taps of "formed" and "both", the fallback of "consumers"
-            starts = []
-            for node in self.formers:  # a layer with several outputs: start at each of them
-                if isinstance(self.env.get(node), list):
-                    starts.extend(u for u in node.users if u.target is operator.getitem)
-                else:
-                    starts.append(node)
-            for node in starts:
-                end = node
-                while True:
-                    users = [u for u in end.users if u.op != "output"]
-                    if len(users) != 1 or len(end.users) != len(users):
-                        break
-                    (user,) = users
-                    if user not in self.chain or not isinstance(self.env.get(user), Layout):
-                        break
-                    end = user
-                formed.append(end)
+        # where features are formed: the taps of "formed" and "both", the fallback of "consumers"
+        formed, starts = [], []
+        for node in self.formers:  # a layer with several outputs: start at each of them
+            if isinstance(self.env.get(node), list):
+                starts.extend(u for u in node.users if u.target is operator.getitem)
+            else:
+                starts.append(node)
+        for node in starts:
+            end = node
+            while True:
+                users = [u for u in end.users if u.op != "output"]
+                if len(users) != 1 or len(end.users) != len(users):
+                    break
+                (user,) = users
+                if user not in self.chain or not isinstance(self.env.get(user), Layout):
+                    break
+                end = user
+            formed.append(end)
         # (node, fallback): with "consumers", a space that no layer reads as its input (the
         # query-key space of attention) is observed where it is formed instead
         nodes = [(n, False) for n in formed] if self.tap_placement in ("formed", "both") else []
