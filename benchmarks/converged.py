@@ -11,6 +11,11 @@ together are merged with
   (2,000 held-out training images, never trained or aligned on; every grid
   point is a ``ModelMerger.refit`` of the same statistics),
 * ``IdentityAligner()`` (plain averaging of the parameters, the baseline),
+* the CCA of the reference code as a formula (``_reference_cca.RidgeCCAAligner``:
+  the absolute ridge ``S + gamma I`` instead of skmerge's scale-free
+  shrinkage), ``gamma`` picked from the reference's grid ``1e-6 ... 1e7`` on the
+  same held-out data, with the default placement only (where the reference
+  code observes the features too),
 * an ablation, with the default placement only: ``CCAAligner()`` with the
   per-channel scales (BatchNorm weights; ``ParamSlice.scale``) transformed
   as vectors (``mapping.T @ s``) instead of by the diagonal of
@@ -28,6 +33,7 @@ Writes ``benchmarks/results/converged.json`` and
 
     python benchmarks/converged.py                    # every family: ResNet20 x1 about 15 min per placement, VGG11 x1/4 1-3 min
     python benchmarks/converged.py --families resnet20-x1 --taps formed
+    python benchmarks/converged.py --parts reference  # only the ridge CCA column, other results kept
     python benchmarks/converged.py --tables-only      # rewrite the tables from the json
 """
 
@@ -45,6 +51,7 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
+from _reference_cca import GAMMAS, RidgeCCAAligner  # noqa: E402
 from _base_models import FAMILIES, accuracy, available_seeds, load_base_models  # noqa: E402
 from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, rst_table,  # noqa: E402
                      setup_torch, update_families, write_text)
@@ -56,6 +63,7 @@ TAPS = ("formed", "consumers", "both")
 #: Regularization grid of the tuned CCA (chosen on the validation images).
 GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 N_ALIGN = 3000
+PARTS = ("main", "reference")
 
 
 def parse_args(argv=None):
@@ -63,10 +71,19 @@ def parse_args(argv=None):
     parser.add_argument("--families", default=None,
                         help="comma-separated (default: every family with two or more checkpoints)")
     parser.add_argument("--taps", default=",".join(TAPS), help=f"comma-separated, from {', '.join(TAPS)}")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated, from main (every aligner and placement) and reference (the "
+                             "ridge CCA of the reference code, default placement); results of parts not run "
+                             "are kept")
+    parser.add_argument("--missing", action="store_true",
+                        help="only the sets and parts that have no results yet (e.g. after training more seeds)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args(argv)
     args.taps = args.taps.split(",")
+    args.parts = args.parts.split(",")
+    if unknown := [p for p in args.parts if p not in PARTS]:
+        parser.error(f"unknown parts {unknown}")
     if unknown := [t for t in args.taps if t not in TAPS]:
         parser.error(f"unknown taps {unknown}")
     return args
@@ -107,7 +124,23 @@ def merge_set(models, spaces, align, validation, test, ablation: bool = False) -
     return out
 
 
-def run_family(family: str, taps_list, results: dict) -> None:
+def reference_set(models, spaces, align, validation, test) -> dict:
+    """The ridge CCA of the reference code, its ``gamma`` picked on the validation images."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merger = ModelMerger(models, RidgeCCAAligner(GAMMAS[0]), spaces=spaces, device="cpu",
+                             verbose=False).fit(align)
+        scores = {}
+        for gamma in GAMMAS:
+            merger.refit(align, aligner=RidgeCCAAligner(gamma))
+            scores[gamma] = accuracy(merger.merged_model_, validation)
+        best = max(GAMMAS, key=lambda g: (scores[g], -abs(np.log10(g) + 1)))  # ties: nearest 0.1
+        merger.refit(align, aligner=RidgeCCAAligner(best))
+        return {"ridge_cca": accuracy(merger.merged_model_, test), "ridge_cca_gamma": best,
+                "ridge_cca_validation": {f"{g:g}": s for g, s in scores.items()}}
+
+
+def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool = False) -> None:
     seeds = available_seeds(family)
     models, data = load_base_models(family, seeds)
     align = _head(data["heldout"], 0, N_ALIGN)
@@ -129,7 +162,16 @@ def run_family(family: str, taps_list, results: dict) -> None:
             merged = ModelMerger(group, IdentityAligner(), device="cpu", verbose=False).fit(align)
         entry["averaging"] = accuracy(merged.merged_model_, test)
         entry["base_mean"] = float(np.mean([fam["base"][i] for i in members]))
-        for taps in taps_list:
+        if "reference" in parts and not (missing and "reference" in entry):
+            tick = time.perf_counter()
+            spaces = find_spaces(group[0], x_example, taps="formed")
+            entry["reference"] = reference_set(group, spaces, align, validation, test)
+            entry["reference"]["seconds"] = round(time.perf_counter() - tick, 1)
+            print(f"{family} {key} ridge CCA: {100 * entry['reference']['ridge_cca']:.2f} (gamma="
+                  f"{entry['reference']['ridge_cca_gamma']:g}; {entry['reference']['seconds']} s)", flush=True)
+        for taps in taps_list if "main" in parts else ():
+            if missing and taps in entry:
+                continue
             tick = time.perf_counter()
             spaces = find_spaces(group[0], x_example, taps=taps)
             entry[taps] = merge_set(group, spaces, align, validation, test, ablation=taps == "formed")
@@ -152,10 +194,19 @@ def _pct(values) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
+def _reference_cells(entries, taps: str) -> list[str]:
+    """The ridge CCA's cells: on the default placement's row, where every set has them."""
+    if taps != "formed" or not all("reference" in e for e in entries):
+        return ["-", "-"]
+    gammas = sorted({e["reference"]["ridge_cca_gamma"] for e in entries})
+    return [_pct([e["reference"]["ridge_cca"] for e in entries]), ", ".join(f"{g:g}" for g in gammas)]
+
+
 def tables(results: dict) -> tuple[str, str]:
     meta = results["machine"]
     header = ["models", "merged", "base (mean)", "averaging", "taps", "permutation",
-              "CCA (r=0.3)", "CCA (tuned r)", "tuned r", "CCA (r=0.3), scales as vectors"]
+              "CCA (r=0.3)", "CCA (tuned r)", "tuned r", "CCA (r=0.3), scales as vectors",
+              "ridge CCA (best gamma)", "best gamma"]
     rows = []
     for family, fam in results["families"].items():
         for size in sorted({len(k.split("+")) for k in fam["sets"]}):
@@ -173,14 +224,16 @@ def tables(results: dict) -> tuple[str, str]:
                              _pct([e[taps]["cca_tuned"] for e in entries]),
                              ", ".join(f"{r:g}" for r in rs),
                              _pct([e[taps]["cca_scales_as_vectors"] for e in entries])
-                             if all("cca_scales_as_vectors" in e[taps] for e in entries) else "-"])
+                             if all("cca_scales_as_vectors" in e[taps] for e in entries) else "-",
+                             *_reference_cells(entries, taps)])
     table = rst_table(header, rows, stub_columns=1)
     families = "; ".join(f"{fam['label']} (seeds {', '.join(map(str, fam['seeds']))}: "
                          f"{', '.join(f'{100 * b:.2f}' for b in fam['base'])} %; " +
                          ", ".join(f"``{r['command']}`` {r['wall_minutes']:.0f} min" for r in fam["runs"]) + ")"
                          for fam in results["families"].values())
     meta_text = (f"Base models: {families}. Alignment on {N_ALIGN:,} held-out training images, the "
-                 f"regularization of the tuned CCA chosen from {', '.join(map(str, GRID))} on the other "
+                 f"regularization of the tuned CCA chosen from {', '.join(map(str, GRID))} and the "
+                 f"ridge CCA's gamma from {GAMMAS[0]:g}, {GAMMAS[1]:g}, ..., {GAMMAS[-1]:g} on the other "
                  f"2,000, test accuracy on the 10,000 test images (mean ± std over the sets of models). "
                  f"{machine_line(meta)}\n")
     return meta_text, table
@@ -215,6 +268,11 @@ def findings(results: dict) -> str:
                     deltas.append(f"``{t}`` {d['permutation']:+.1f} (permutation) / "
                                   f"{d['cca_default']:+.1f} (CCA)")
                 text += " Other placements, points against ``formed``: " + ", ".join(deltas) + "."
+            if all("reference" in e for e in entries):
+                ridge = 100 * float(np.mean([e["reference"]["ridge_cca"] for e in entries]))
+                beats = sum(e["formed"]["cca_default"] >= e["reference"]["ridge_cca"] for e in entries)
+                text += (f" The reference's ridge CCA with its best gamma gets {ridge:.1f}; CCA (r=0.3) at "
+                         f"least as good in {beats} of {len(entries)}.")
             if all("cca_scales_as_vectors" in e["formed"] for e in entries):
                 vec = 100 * float(np.mean([e["formed"]["cca_scales_as_vectors"] for e in entries]))
                 text += (f" With the scales transformed as vectors CCA (r=0.3) gets {vec:.1f} "
@@ -242,9 +300,10 @@ def main(argv=None) -> None:
     command = " ".join(["python benchmarks/converged.py", *(sys.argv[1:] if argv is None else argv)])
     for family in families:
         start = time.perf_counter()
-        run_family(family, args.taps, results["families"])
+        run_family(family, args.taps, results["families"], args.parts, args.missing)
         fam = results["families"][family]
-        runs = [r for r in fam.get("runs", []) if r["command"] != command]
+        # a rerun replaces the record of the same command; --missing runs add up (each did other sets)
+        runs = [r for r in fam.get("runs", []) if r["command"] != command or args.missing]
         fam["runs"] = runs + [{"command": command, "wall_minutes": (time.perf_counter() - start) / 60}]
         results = update_families(OUTPUT, {family: fam}, machine=machine_info())
     write_tables(results)

@@ -9,6 +9,7 @@ models themselves are never hooked or switched to eval mode.
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 
 import torch
@@ -72,8 +73,12 @@ class BatchObserver:
         if first:
             self.observations = {}
         calls: dict[str, int] = defaultdict(int)
-        alive: list[torch.Tensor] = []  # observed tensors stay alive: no two share a memory identity
-        seen: set = set()
+        # Identities of the tensors observed in the first run (the deduplication below), each
+        # with a weak reference to its storage: a match counts only while that storage lives,
+        # so memory freed and reused by a later tensor never passes for the same tensor, and no
+        # observed activation is kept alive by the observer (its statistics batch keeps what
+        # it needs).
+        seen: dict = {}
         added = 0
         observer = self
 
@@ -85,15 +90,14 @@ class BatchObserver:
                     observer.listener.observe(k, key, tensor)
                 if key not in observer.taps:
                     return
-                alive.append(tensor)
                 call = calls[key]
                 calls[key] += 1
                 if first:
                     entries = []
                     for index, tap in observer.taps[key]:
                         ident = (index, _reading(tap), _tensor_identity(tensor))
-                        if ident not in seen:
-                            seen.add(ident)
+                        if not _same_storage(seen.get(ident), tensor):
+                            seen[ident] = _storage_ref(tensor)
                             entries.append((index, tap, observer.statistics[index]._batch(
                                 commit_when_complete=True)))
                     observer.observations[key, call] = entries
@@ -113,8 +117,8 @@ class BatchObserver:
             outputs = self.runner.run(tensors, (inputs,), _Report())
         finally:
             # _Report, a class, lives in a reference cycle until the garbage collector runs: its
-            # closure must not keep this model's activations alive meanwhile.
-            alive.clear()
+            # closure must not keep anything of this run alive meanwhile.
+            seen.clear()
         if self.listener is not None:
             self.listener.after_batch(k, inputs, outputs)
         if first:
@@ -138,6 +142,29 @@ def _reading(tap) -> tuple:
     if hasattr(tap, "node"):
         return (tap.axes, tuple(tap.index.reshape(-1).tolist()), tap.index.shape[1])
     return (tap.axis, tap.offset, tap.block, tap.dim)
+
+
+def _storage_ref(tensor: torch.Tensor):
+    """A weak reference to ``tensor``'s storage (the tensor itself where it has none)."""
+    try:
+        return weakref.ref(tensor.untyped_storage())
+    except (RuntimeError, NotImplementedError, TypeError):  # no storage (e.g. a wrapper subclass)
+        return lambda: tensor  # a strong reference: the identity stays valid while the run lasts
+
+
+def _same_storage(ref, tensor: torch.Tensor) -> bool:
+    """Whether ``ref`` (from :func:`_storage_ref`, or None) still refers to ``tensor``'s live storage."""
+    if ref is None:
+        return False
+    held = ref()
+    if held is None:
+        return False
+    if isinstance(held, torch.Tensor):
+        return True  # the strong fallback: the identity was recorded for a tensor still alive
+    try:
+        return held is tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def _tensor_identity(tensor: torch.Tensor) -> tuple:

@@ -591,8 +591,9 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         if stream is not None and stream.keys:
             runner = runner.reporting(list(stream.keys))
         tensors = [_tensors_on(model, self.device_) for model in models]
-        # The reference first, then the other models one at a time: a batch's
-        # activations are held for two models at most, not for all of them.
+        # The reference first, then the other models one at a time: of a batch, the
+        # reference's centered observations are held, and of the model running only its
+        # live activations, never every model's.
         order = [reference] + [k for k in range(len(models)) if k != reference]
         n_seen = 0
         progress = tqdm(batches, total=getattr(batches, "total", None), desc="Alignment statistics",

@@ -203,13 +203,23 @@ def test_gallery_order_sorts_by_the_list_and_rejects_an_unlisted_example():
         key(str(GALLERY / "plot_unknown.py"))
 
 
+def test_converged_findings_are_generated_from_the_committed_results():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import converged
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "converged.json").read_text())
+    text = (DOCS / "_generated" / "benchmarks" / "converged_findings.inc").read_text()
+    assert text == converged.findings(results)
+    assert "ridge CCA with its best gamma" in text
+
+
 def test_converged_tables_are_the_committed_results():
     """The converged-models table: every cell is the mean of the committed per-set records."""
     results = json.loads((ROOT / "benchmarks" / "results" / "converged.json").read_text())
     text = (DOCS / "_generated" / "benchmarks" / "converged_tables.inc").read_text()
     _, (header, *rows) = parse_list_table(text)
     assert header[:7] == ["models", "merged", "base (mean)", "averaging", "taps", "permutation", "CCA (r=0.3)"]
-    checked = 0
+    checked = reference_rows = 0
     for row in rows:
         family = next(f for f in results["families"].values() if f["label"] == row[0])
         size, taps = int(row[1].split()[0]), row[4].strip("`")
@@ -219,4 +229,14 @@ def test_converged_tables_are_the_committed_results():
             mean = f"{np.mean(values):.1f}"
             assert row[column].split(" ±")[0] == mean, (row[0], size, taps, key)
             checked += 1
+        ridge = header.index("ridge CCA (best gamma)")
+        if taps != "formed" or not all("reference" in e for e in entries):
+            assert row[ridge] == "-"
+            continue
+        mean = f"{np.mean([100 * e['reference']['ridge_cca'] for e in entries]):.1f}"
+        assert row[ridge].split(" ±")[0] == mean, (row[0], size, "ridge CCA")
+        assert row[ridge + 1] == ", ".join(f"{g:g}" for g in sorted(
+            {e["reference"]["ridge_cca_gamma"] for e in entries}))
+        reference_rows += 1
     assert checked == 3 * len(rows) > 0
+    assert reference_rows > 0  # the reference's ridge CCA is in the committed results

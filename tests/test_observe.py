@@ -169,3 +169,59 @@ def test_a_models_activations_are_freed_when_its_run_ends():
     assert len(refs) == 4 and not alive
     observer.commit()
     assert statistics[1].n_samples_ == 20
+
+
+def test_every_model_frees_each_activation_during_its_run():
+    """The observer keeps no observed tensor alive while a model runs, the reference included (the
+    deduplication of taps holds weak references): an activation is freed as soon as the forward
+    pass is done with it, so a model's tapped activations are never all held at once."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 3)
+    models = [_Looped(2), _Looped(2)]
+    runs: dict = {0: [], 1: []}
+    alive_at_head = {}
+
+    class _Listener:
+        def observe(self, k, key, tensor):
+            if key == "head":  # the intermediate read by lin's second call is done with by now
+                alive_at_head[k] = runs[k][1]() is not None
+            runs[k].append(weakref.ref(tensor))
+
+        def after_batch(self, k, inputs, outputs):
+            pass
+
+    taps = {"lin": [(0, Tap("lin", 1, dim=3))], "head": [(1, Tap("head", 1, dim=3))]}
+    statistics = [ReferenceCovariance(2, reference=0) for _ in range(2)]
+    spaces = [SimpleNamespace(name="input"), SimpleNamespace(name="hidden")]
+    observer = BatchObserver(statistics, spaces, taps, ModuleRunner(models[0], list(taps)), _Listener())
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for k in (0, 1):
+            observer.run(model_tensors(models[k]), k, x)
+    finally:
+        if enabled:
+            gc.enable()
+    assert alive_at_head == {0: False, 1: False}
+    observer.commit()
+    reference = _observe([models[0], models[1]], x)  # the same statistics as an observer without a listener
+    for ours, theirs in zip(statistics, reference):
+        torch.testing.assert_close(ours.covariance(0, 1), theirs.covariance(0, 1))
+
+
+def test_freed_memory_reused_by_another_tensor_is_not_taken_for_the_same_tensor():
+    """Two taps of one space on different tensors that happen to occupy the same memory one after
+    the other (the first freed before the second is made) are both observed."""
+    from skmerge._observe import _same_storage, _storage_ref, _tensor_identity
+
+    a = torch.randn(64, 8)
+    ref, ident = _storage_ref(a), _tensor_identity(a)
+    assert _same_storage(ref, a.detach()) and _same_storage(ref, a[:, :4])
+    del a
+    b = torch.randn(64, 8)  # may or may not land at the same address: either way not "the same"
+    assert not _same_storage(ref, b)
+    assert _same_storage(None, b) is False
+    assert isinstance(ident, tuple)
