@@ -191,6 +191,12 @@ def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool
 # tables
 
 
+def _in_order(results: dict) -> list:
+    """The families of the results in the order of ``FAMILIES`` (the order they are trained in)."""
+    rank = {name: i for i, name in enumerate(FAMILIES)}
+    return sorted(results["families"].items(), key=lambda item: rank.get(item[0], len(rank)))
+
+
 def _pct(values) -> str:
     values = [100 * v for v in values]
     if len(values) == 1:
@@ -212,14 +218,14 @@ def tables(results: dict) -> tuple[str, str]:
               "CCA (r=0.3)", "CCA (tuned r)", "tuned r", "CCA (r=0.3), scales as vectors",
               "ridge CCA (best gamma)", "best gamma"]
     rows = []
-    for family, fam in results["families"].items():
+    for family, fam in _in_order(results):
         for size in sorted({len(k.split("+")) for k in fam["sets"]}):
-            keys = [k for k in fam["sets"] if len(k.split("+")) == size]
-            entries = [fam["sets"][k] for k in keys]
-            what = f"{size} ({len(keys)} set{'s' if len(keys) > 1 else ''})"
+            every = [e for k, e in fam["sets"].items() if len(k.split("+")) == size]
             for taps in TAPS:
-                if not all(taps in e for e in entries):
+                entries = [e for e in every if taps in e]  # a placement may have been run on some sets only
+                if not entries:
                     continue
+                what = f"{size} ({len(entries)} set{'s' if len(entries) > 1 else ''})"
                 rs = sorted({e[taps]["cca_tuned_regularization"] for e in entries})
                 rows.append([fam["label"], what, _pct([e["base_mean"] for e in entries]),
                              _pct([e["averaging"] for e in entries]), f"``{taps}``",
@@ -234,7 +240,7 @@ def tables(results: dict) -> tuple[str, str]:
     families = "; ".join(f"{fam['label']} (seeds {', '.join(map(str, fam['seeds']))}: "
                          f"{', '.join(f'{100 * b:.2f}' for b in fam['base'])} %; " +
                          ", ".join(f"``{r['command']}`` {r['wall_minutes']:.0f} min" for r in fam["runs"]) + ")"
-                         for fam in results["families"].values())
+                         for _, fam in _in_order(results))
     meta_text = (f"Base models: {families}. Alignment on {N_ALIGN:,} held-out training images, the "
                  f"regularization of the tuned CCA chosen from {', '.join(map(str, GRID))} and the "
                  f"ridge CCA's gamma from {GAMMAS[0]:g}, {GAMMAS[1]:g}, ..., {GAMMAS[-1]:g} on the other "
@@ -249,7 +255,7 @@ METHODS = {"permutation": "permutation", "cca_default": "CCA (r=0.3)", "cca_tune
 def findings(results: dict) -> str:
     """The ordering of the methods per family and number of models, in words (generated)."""
     lines = ["What the table shows, with the default placement (``formed``) unless said otherwise:", ""]
-    for fam in results["families"].values():
+    for _, fam in _in_order(results):
         for size in sorted({len(k.split("+")) for k in fam["sets"]}):
             entries = [e for k, e in fam["sets"].items() if len(k.split("+")) == size and "formed" in e]
             if not entries:
@@ -263,14 +269,17 @@ def findings(results: dict) -> str:
                     f"; the best keeps {100 * means[order[0]] / base:.0f} % of the base accuracy "
                     f"({100 * base:.1f}); CCA (r=0.3) at least as good as permutation in {wins} of "
                     f"{len(entries)} set{'s' if len(entries) > 1 else ''}.")
-            others = [t for t in TAPS[1:] if all(t in e for e in entries)]
-            if others:
-                deltas = []
-                for t in others:
-                    d = {m: 100 * float(np.mean([e[t][m] - e["formed"][m] for e in entries]))
-                         for m in ("permutation", "cca_default")}
-                    deltas.append(f"``{t}`` {d['permutation']:+.1f} (permutation) / "
-                                  f"{d['cca_default']:+.1f} (CCA)")
+            deltas = []
+            for t in TAPS[1:]:
+                both = [e for e in entries if t in e]  # the sets measured at both placements
+                if not both:
+                    continue
+                d = {m: 100 * float(np.mean([e[t][m] - e["formed"][m] for e in both]))
+                     for m in ("permutation", "cca_default")}
+                deltas.append(f"``{t}`` {d['permutation']:+.1f} (permutation) / "
+                              f"{d['cca_default']:+.1f} (CCA)" +
+                              (f" on {len(both)} of the sets" if len(both) < len(entries) else ""))
+            if deltas:
                 text += " Other placements, points against ``formed``: " + ", ".join(deltas) + "."
             if all("reference" in e for e in entries):
                 ridge = 100 * float(np.mean([e["reference"]["ridge_cca"] for e in entries]))

@@ -223,7 +223,8 @@ def test_converged_tables_are_the_committed_results():
     for row in rows:
         family = next(f for f in results["families"].values() if f["label"] == row[0])
         size, taps = int(row[1].split()[0]), row[4].strip("`")
-        entries = [e for key, e in family["sets"].items() if len(key.split("+")) == size]
+        entries = [e for key, e in family["sets"].items() if len(key.split("+")) == size and taps in e]
+        assert int(row[1].split("(")[1].split()[0]) == len(entries) > 0  # "2 (6 sets)": the sets averaged
         for column, key in ((5, "permutation"), (6, "cca_default"), (7, "cca_tuned")):
             values = [100 * e[taps][key] for e in entries]
             mean = f"{np.mean(values):.1f}"
