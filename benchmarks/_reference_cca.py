@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from skmerge.aligners import CCAAligner
+from skmerge.aligners import BaseAligner
 from skmerge.aligners._cca import _sqrt_and_inv_sqrt
 
 #: The reference code's search grid of gamma (its ``cca_hparam_search``).
 GAMMAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
 
 
-class RidgeCCAAligner(CCAAligner):
+class RidgeCCAAligner(BaseAligner):
     """CCA with the absolute ridge ``S + gamma I`` on both covariances (float64).
 
     Parameters
@@ -48,11 +48,6 @@ class RidgeCCAAligner(CCAAligner):
         root_y, inv_root_y = _sqrt_and_inv_sqrt(ridge(stats.covariance_yy()))
         u, _, vh = torch.linalg.svd(inv_root_x @ stats.covariance_xy() @ inv_root_y, full_matrices=False)
         rotation = u @ vh
-        self._canonical = None
         return {"mapping_": inv_root_x @ rotation @ root_y,
                 "inverse_mapping_": inv_root_y @ rotation.T @ root_x,
                 "regularization_": (gamma, gamma)}
-
-    @property
-    def canonical_correlations_(self):  # the ridge's variates are not reported
-        raise AttributeError("canonical_correlations_")

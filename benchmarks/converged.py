@@ -130,8 +130,8 @@ def reference_set(models, spaces, align, validation, test) -> dict:
         warnings.simplefilter("ignore")
         merger = ModelMerger(models, RidgeCCAAligner(GAMMAS[0]), spaces=spaces, device="cpu",
                              verbose=False).fit(align)
-        scores = {}
-        for gamma in GAMMAS:
+        scores = {GAMMAS[0]: accuracy(merger.merged_model_, validation)}
+        for gamma in GAMMAS[1:]:
             merger.refit(align, aligner=RidgeCCAAligner(gamma))
             scores[gamma] = accuracy(merger.merged_model_, validation)
         best = max(GAMMAS, key=lambda g: (scores[g], -abs(np.log10(g) + 1)))  # ties: nearest 0.1
@@ -165,10 +165,16 @@ def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool
                 merged = ModelMerger(group, IdentityAligner(), device="cpu", verbose=False).fit(align)
             entry["averaging"] = accuracy(merged.merged_model_, test)
         entry["base_mean"] = float(np.mean([fam["base"][i] for i in members]))
+        spaces = {}  # per placement, found once for the set
+
+        def spaces_at(taps):
+            if taps not in spaces:
+                spaces[taps] = find_spaces(group[0], x_example, taps=taps)
+            return spaces[taps]
+
         if "reference" in parts and not (missing and "reference" in entry):
             tick = time.perf_counter()
-            spaces = find_spaces(group[0], x_example, taps="formed")
-            entry["reference"] = reference_set(group, spaces, align, validation, test)
+            entry["reference"] = reference_set(group, spaces_at("formed"), align, validation, test)
             entry["reference"]["seconds"] = round(time.perf_counter() - tick, 1)
             print(f"{family} {key} ridge CCA: {100 * entry['reference']['ridge_cca']:.2f} (gamma="
                   f"{entry['reference']['ridge_cca_gamma']:g}; {entry['reference']['seconds']} s)", flush=True)
@@ -176,8 +182,7 @@ def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool
             if missing and taps in entry:
                 continue
             tick = time.perf_counter()
-            spaces = find_spaces(group[0], x_example, taps=taps)
-            entry[taps] = merge_set(group, spaces, align, validation, test, ablation=taps == "formed")
+            entry[taps] = merge_set(group, spaces_at(taps), align, validation, test, ablation=taps == "formed")
             entry[taps]["seconds"] = round(time.perf_counter() - tick, 1)
             print(f"{family} {key} taps={taps}: " + ", ".join(
                 f"{k} {100 * v:.2f}" for k, v in entry[taps].items()

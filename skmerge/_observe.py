@@ -144,27 +144,27 @@ def _reading(tap) -> tuple:
     return (tap.axis, tap.offset, tap.block, tap.dim)
 
 
-def _storage_ref(tensor: torch.Tensor):
-    """A weak reference to ``tensor``'s storage (the tensor itself where it has none)."""
+def _storage_of(tensor: torch.Tensor):
+    """The storage behind ``tensor``, or None for a tensor without one (a wrapper subclass)."""
     try:
-        return weakref.ref(tensor.untyped_storage())
-    except (RuntimeError, NotImplementedError, TypeError):  # no storage (e.g. a wrapper subclass)
-        return lambda: tensor  # a strong reference: the identity stays valid while the run lasts
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _storage_ref(tensor: torch.Tensor):
+    """A weak reference to ``tensor``'s storage; the tensor itself (a strong one) where it has none."""
+    storage = _storage_of(tensor)
+    return (lambda: tensor) if storage is None else weakref.ref(storage)
 
 
 def _same_storage(ref, tensor: torch.Tensor) -> bool:
     """Whether ``ref`` (from :func:`_storage_ref`, or None) still refers to ``tensor``'s live storage."""
-    if ref is None:
-        return False
-    held = ref()
+    held = None if ref is None else ref()
     if held is None:
         return False
-    if isinstance(held, torch.Tensor):
-        return True  # the strong fallback: the identity was recorded for a tensor still alive
-    try:
-        return held is tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
+    # a tensor held strongly was recorded for an identity it still has while it lives
+    return isinstance(held, torch.Tensor) or held is _storage_of(tensor)
 
 
 def _tensor_identity(tensor: torch.Tensor) -> tuple:

@@ -134,11 +134,30 @@ def test_the_runner_never_touches_the_models():
     _archs.assert_same_state(before, model)
 
 
+def _run_without_collector(models, x, listener):
+    """Observe ``lin``'s and ``head``'s inputs in every model, Python's garbage collector off (so
+    that only plain references decide what lives); returns the statistics and the observer."""
+    import gc
+
+    taps = {"lin": [(0, Tap("lin", 1, dim=3))], "head": [(1, Tap("head", 1, dim=3))]}
+    statistics = [ReferenceCovariance(len(models), reference=0) for _ in range(2)]
+    spaces = [SimpleNamespace(name="input"), SimpleNamespace(name="hidden")]
+    observer = BatchObserver(statistics, spaces, taps, ModuleRunner(models[0], list(taps)), listener)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for k, model in enumerate(models):
+            observer.run(model_tensors(model), k, x)
+    finally:
+        if enabled:
+            gc.enable()
+    return statistics, observer
+
+
 def test_a_models_activations_are_freed_when_its_run_ends():
     """Nothing of the observer keeps a model's tapped tensors alive after its run, even before the
     garbage collector runs (with many models, held activations added up to a model's activations
     per model)."""
-    import gc
     import weakref
 
     torch.manual_seed(0)
@@ -153,19 +172,8 @@ def test_a_models_activations_are_freed_when_its_run_ends():
         def after_batch(self, k, inputs, outputs):
             pass
 
-    taps = {"lin": [(0, Tap("lin", 1, dim=3))], "head": [(1, Tap("head", 1, dim=3))]}
-    statistics = [ReferenceCovariance(2, reference=0) for _ in range(2)]
-    spaces = [SimpleNamespace(name="input"), SimpleNamespace(name="hidden")]
-    observer = BatchObserver(statistics, spaces, taps, ModuleRunner(models[0], list(taps)), _Listener())
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        observer.run(model_tensors(models[0]), 0, x)
-        observer.run(model_tensors(models[1]), 1, x)
-        alive = [r for r in refs if r() is not None]
-    finally:
-        if enabled:
-            gc.enable()
+    statistics, observer = _run_without_collector(models, x, _Listener())
+    alive = [r for r in refs if r() is not None]
     assert len(refs) == 4 and not alive
     observer.commit()
     assert statistics[1].n_samples_ == 20
@@ -175,7 +183,6 @@ def test_every_model_frees_each_activation_during_its_run():
     """The observer keeps no observed tensor alive while a model runs, the reference included (the
     deduplication of taps holds weak references): an activation is freed as soon as the forward
     pass is done with it, so a model's tapped activations are never all held at once."""
-    import gc
     import weakref
 
     torch.manual_seed(0)
@@ -193,18 +200,7 @@ def test_every_model_frees_each_activation_during_its_run():
         def after_batch(self, k, inputs, outputs):
             pass
 
-    taps = {"lin": [(0, Tap("lin", 1, dim=3))], "head": [(1, Tap("head", 1, dim=3))]}
-    statistics = [ReferenceCovariance(2, reference=0) for _ in range(2)]
-    spaces = [SimpleNamespace(name="input"), SimpleNamespace(name="hidden")]
-    observer = BatchObserver(statistics, spaces, taps, ModuleRunner(models[0], list(taps)), _Listener())
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for k in (0, 1):
-            observer.run(model_tensors(models[k]), k, x)
-    finally:
-        if enabled:
-            gc.enable()
+    statistics, observer = _run_without_collector(models, x, _Listener())
     assert alive_at_head == {0: False, 1: False}
     observer.commit()
     reference = _observe([models[0], models[1]], x)  # the same statistics as an observer without a listener
@@ -215,13 +211,27 @@ def test_every_model_frees_each_activation_during_its_run():
 def test_freed_memory_reused_by_another_tensor_is_not_taken_for_the_same_tensor():
     """Two taps of one space on different tensors that happen to occupy the same memory one after
     the other (the first freed before the second is made) are both observed."""
-    from skmerge._observe import _same_storage, _storage_ref, _tensor_identity
+    from skmerge._observe import _same_storage, _storage_ref
 
     a = torch.randn(64, 8)
-    ref, ident = _storage_ref(a), _tensor_identity(a)
+    ref = _storage_ref(a)
     assert _same_storage(ref, a.detach()) and _same_storage(ref, a[:, :4])
+    assert not _same_storage(ref, torch.randn(64, 8))  # alive, but another storage
     del a
     b = torch.randn(64, 8)  # may or may not land at the same address: either way not "the same"
     assert not _same_storage(ref, b)
     assert _same_storage(None, b) is False
-    assert isinstance(ident, tuple)
+
+
+def test_a_tensor_without_storage_is_held_for_its_identity():
+    """A tensor whose storage cannot be read (a wrapper subclass) is held while the run lasts, so its
+    identity stays valid and a second tap reading it still counts it once."""
+    from skmerge._observe import _same_storage, _storage_ref
+
+    class _NoStorage(torch.Tensor):
+        def untyped_storage(self):
+            raise NotImplementedError("no storage")
+
+    t = torch.randn(4, 3).as_subclass(_NoStorage)
+    ref = _storage_ref(t)
+    assert ref() is t and _same_storage(ref, t)
