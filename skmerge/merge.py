@@ -677,18 +677,21 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         repair_(merged_model, aligned, weights, data, batch_size=self.batch_size,
                 device=self.device_, spaces=self.spaces_, verbose=self._show_progress())
 
-    def _transform_precision(self) -> str:
-        """Products with dense maps in float32 for float32 models (``precision``), else float64."""
+    def _transform_precision(self, models) -> str:
+        """Products with dense maps in float32 for float32 models (``precision``), else float64.
+
+        ``models`` are the validated models (not checked again: that reads every tensor).
+        """
         if not hasattr(self, "precision"):  # mergers without statistics: permutations only
             return "double"
-        return self._statistics_precision(_floating_dtype(self._validated_models()[0]))
+        return self._statistics_precision(_floating_dtype(models[0]))
 
     def _operations(self, k: int) -> list:
         return normalize_transforms(self.spaces_, [_transform_of(row[k]) for row in self.aligners_])
 
     def _aligned_states(self, models):
         """Yield each model's state_dict expressed in the reference's feature basis."""
-        precision = self._transform_precision()
+        precision = self._transform_precision(models)
         for k, model in enumerate(models):
             state = {key: value.to(self.device_) for key, value in model.state_dict().items()}
             transforms = [_transform_of(row[k]) for row in self.aligners_]
@@ -719,7 +722,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         else:
             states = [model.state_dict() for model in models]
             entries = [slices_by_tensor(self.spaces_, self._operations(k)) for k in range(len(models))]
-        precision = self._transform_precision()
+        precision = self._transform_precision(models)
         merged = {}
         for key, value in states[reference].items():
             if not value.is_floating_point():  # integer buffers (num_batches_tracked): the reference's

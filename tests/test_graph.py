@@ -1014,26 +1014,33 @@ def test_grouped_extraction_holds_the_same_samples_without_copying_conv_inputs(t
         assert grouped.data_ptr() == tensor[:, tap.offset:].data_ptr()  # a view, no copy
 
 
+@pytest.mark.parametrize("k", [3, 16])  # a flatten of (8, k): a channel-first copy, or row by row
 @pytest.mark.parametrize("chunk", [1 << 30, 64])
-def test_transforms_of_large_tensors_are_done_in_pieces_with_the_same_result(monkeypatch, chunk):
-    """Wide tensors are transformed a few rows or columns at a time; the result does not change."""
+def test_transforms_of_large_tensors_are_done_in_pieces_with_the_same_result(monkeypatch, chunk, k):
+    """Every layout of a whole-axis slice, whole or a few rows or columns at a time: the same result."""
     from skmerge.graph import _apply
 
     monkeypatch.setattr(_apply, "_CHUNK", chunk)
     torch.manual_seed(0)
-    head = torch.randn(10, 8 * 3, dtype=torch.float64)    # reads a flatten of (8, 3): k = 3
-    conv = torch.randn(8, 5, 3, 3, dtype=torch.float64)   # creates the space
-    reader = torch.randn(6, 8, 3, 3, dtype=torch.float64)  # a convolution reading it
+    tensors = {"conv": torch.randn(8, 5, 3, 3, dtype=torch.float64),   # creates the space (rows)
+               "head": torch.randn(10, 8 * k, dtype=torch.float64),    # reads a flatten of (8, k)
+               "reader": torch.randn(6, 8, 3, 3, dtype=torch.float64),  # a convolution reading it
+               "fc": torch.randn(7, 8, dtype=torch.float64)}            # a Linear reading it
     space = Space(8, [ParamSlice("conv", 0, torch.arange(8))],
-                  [ParamSlice("head", 1, torch.arange(24).reshape(8, 3)), ParamSlice("reader", 1, torch.arange(8))],
+                  [ParamSlice("head", 1, torch.arange(8 * k).reshape(8, k)), ParamSlice("reader", 1, torch.arange(8)),
+                   ParamSlice("fc", 1, torch.arange(8))],
                   [Tap("x", 1)])
     m = torch.randn(8, 8, dtype=torch.float64) + 3 * torch.eye(8, dtype=torch.float64)
     inv = torch.linalg.inv(m)
-    out = apply_transforms({"head": head, "conv": conv, "reader": reader}, [space], [(m, inv)])
-    expected_head = (head.reshape(10, 8, 3).permute(0, 2, 1) @ inv.T).permute(0, 2, 1).reshape(10, 24)
-    _assert_close(out["head"], expected_head, 1e-12)
-    _assert_close(out["conv"], torch.einsum("ij,i...->j...", m, conv), 1e-12)
-    _assert_close(out["reader"], torch.einsum("ji,oi...->oj...", inv, reader), 1e-12)
+    perm = torch.randperm(8)
+    for transform, mapping in [((m, inv), m), (perm, torch.eye(8, dtype=torch.float64)[:, perm])]:
+        inverse = torch.linalg.inv(mapping)
+        out = apply_transforms(tensors, [space], [transform])
+        expected_head = (tensors["head"].reshape(10, 8, k).permute(0, 2, 1) @ inverse.T).permute(0, 2, 1)
+        _assert_close(out["head"], expected_head.reshape(10, 8 * k), 1e-12)
+        _assert_close(out["conv"], torch.einsum("ij,i...->j...", mapping, tensors["conv"]), 1e-12)
+        _assert_close(out["reader"], torch.einsum("ji,oi...->oj...", inverse, tensors["reader"]), 1e-12)
+        _assert_close(out["fc"], tensors["fc"] @ inverse.T, 1e-12)
 
 
 # --------------------------------------------------------------------------

@@ -378,6 +378,20 @@ def test_non_finite_weights_are_refused_before_any_work(where):
     assert not calls  # refused before any forward pass
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64])
+def test_the_finiteness_check_reads_sums_but_decides_entry_by_entry(dtype):
+    """A finite sum proves a tensor finite; a sum that overflows falls back to the entrywise check."""
+    from skmerge._model_checks import all_finite
+
+    largest = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
+    big = torch.full((64,), largest / 2, dtype=dtype)  # finite entries whose sum overflows
+    assert all_finite(big) and all_finite(torch.randn(64).to(dtype)) and all_finite(torch.empty(0, dtype=dtype))
+    for bad in ([float("nan")], [float("inf")], [float("inf"), float("-inf")]):  # inf - inf sums to NaN
+        tensor = torch.randn(64).to(dtype)
+        tensor[:len(bad)] = torch.tensor(bad).to(dtype)
+        assert not all_finite(tensor)
+
+
 def test_models_of_different_dtypes_are_refused_naming_the_tensor():
     mlp = _archs.make_model("mlp", seed=0, dtype=torch.float32)
     double = _archs.make_model("mlp", seed=1, dtype=torch.float64)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
+from .._model_checks import all_finite
 from ._spaces import ParamSlice, Space
 
 __all__ = ["apply_transforms", "gather_slice", "permute_space_", "transform_tensor", "slices_by_tensor",
@@ -35,7 +37,7 @@ def _normalize(transform, space: Space, i: int):
                         f"transforms[{i}]: {name} has shape {tuple(m.shape)}, expected ({d}, {d}) "
                         f"for space {space.name!r}"
                     )
-                if not torch.isfinite(m).all():
+                if not all_finite(m):
                     raise ValueError(f"transforms[{i}]: {name} contains NaN or inf")
             # float32 maps (of wide spaces solved in float32) stay float32: half the memory
             dtype = torch.float32 if all(m.dtype == torch.float32 for m in mats) else torch.float64
@@ -127,6 +129,12 @@ def permute_space_(tensors: dict, space: Space, perm) -> None:
 #: entries of the largest product output formed at once when transforming a tensor in place
 _CHUNK = 1 << 24
 
+#: a whole-axis slice with at least this many entries per channel and row (a
+#: Linear after a flatten) is multiplied row by row in place (a batched
+#: product); with fewer (a 3x3 convolution) that is several times slower than
+#: one product on a channel-first copy
+_BATCHED_MIN_COLUMNS = 16
+
 
 def _is_whole_axis(view: torch.Tensor, sl: ParamSlice, positions: torch.Tensor) -> bool:
     """Whether ``sl`` owns every position of its (possibly flattened) axis, in order.
@@ -141,43 +149,75 @@ def _is_whole_axis(view: torch.Tensor, sl: ParamSlice, positions: torch.Tensor) 
 def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
     """Transform the positions of ``sl`` in ``t`` (contiguous, the work precision) in place."""
     view, positions, d, k = _locate(t, sl)
-    if _is_whole_axis(view, sl, positions):
-        # The slice is the whole axis: transform a view of it, channel first,
-        # in place, without gathering and scattering.
-        g = view.movedim(sl.axis, 0)
-        g = g.reshape(d, k, *g.shape[1:]) if k > 1 else g
-        if op[0] == "perm" or g.numel() <= _CHUNK or view.ndim < 2:
-            g.copy_(_transformed(g, sl, op, role, t.device))
-            return
-        # a large tensor (a classifier after a flatten): a few rows or columns
-        # at a time along another axis, so that no product output is as large
-        # as the tensor (views only: every piece is written back in place)
-        other = max((a for a in range(view.ndim) if a != sl.axis), key=lambda a: view.shape[a])
-        step = max(1, _CHUNK * view.shape[other] // view.numel())
-        for start in range(0, view.shape[other], step):
-            part = view.narrow(other, start, min(step, view.shape[other] - start)).movedim(sl.axis, 0)
-            part = part.reshape(d, k, *part.shape[1:]) if k > 1 else part
-            part.copy_(_transformed(part, sl, op, role, t.device))
+    if not _is_whole_axis(view, sl, positions):
+        g = gather_slice(t, sl)  # channel, its k positions, everything else
+        _scatter_(view, sl, positions, _transformed(g, sl, op, role, t.device))
         return
-    g = gather_slice(t, sl)  # channel, its k positions, everything else
-    _scatter_(view, sl, positions, _transformed(g, sl, op, role, t.device))
+    # The slice is the whole axis (channel-major): the tensor is a
+    # (before, channel, after) view, transformed in place a chunk at a time so
+    # that no product output is as large as a big tensor (a classifier).
+    if view.numel() == 0:
+        return
+    before = math.prod(view.shape[:sl.axis])
+    x = view.view(before, d, view.numel() // (before * d))
+    if op[0] == "perm":
+        perm = op[1].to(t.device)
+        _in_chunks(x, 0, lambda part, out: torch.index_select(part, 1, perm, out=out))
+        return
+    matrix = _left_matrix(sl, op, role, t.device, t.dtype)
+    if before == 1:  # channels along the first axis (a layer's rows): one product per chunk of columns
+        _in_chunks(x[0], 1, lambda part, out: torch.matmul(matrix, part, out=out))
+    elif x.shape[2] == 1:  # along the last axis (a Linear's columns): rows times matrix^T
+        _in_chunks(x[:, :, 0], 0, lambda part, out: torch.matmul(part, matrix.T, out=out))
+    elif x.shape[2] >= _BATCHED_MIN_COLUMNS:  # a Linear after a flatten: row by row
+        _in_chunks(x, 0, lambda part, out: torch.matmul(matrix, part, out=out))
+    else:  # a convolution's input channels: one product on a channel-first copy
+        _in_chunks(x, 0, lambda part, out: out.copy_(_channel_first_product(matrix, part)))
+
+
+def _in_chunks(x: torch.Tensor, axis: int, product) -> None:
+    """``x = product(x)`` in place, a slab of ``axis`` at a time.
+
+    ``product(part, out)`` writes its result (of ``part``'s shape) into
+    ``out``, which is one buffer reused by every slab: a new output per slab
+    would be a fresh allocation, page faults included, of up to ``_CHUNK``
+    entries each time.
+    """
+    step = max(1, _CHUNK * x.shape[axis] // max(1, x.numel()))
+    buffer = None
+    for start in range(0, x.shape[axis], step):
+        part = x.narrow(axis, start, min(step, x.shape[axis] - start))
+        if buffer is None:
+            buffer = torch.empty(part.numel(), dtype=x.dtype, device=x.device)
+        out = buffer[:part.numel()].view(part.shape)
+        product(part, out)
+        part.copy_(out)
+
+
+def _channel_first_product(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix`` applied along axis 1 of a ``(rows, channels, columns)`` tensor, by one product."""
+    g = x.movedim(1, 0)
+    return (matrix @ g.reshape(g.shape[0], -1)).reshape(g.shape).movedim(0, 1)
+
+
+def _left_matrix(sl: ParamSlice, op, role: str, device, dtype) -> torch.Tensor:
+    """The ``(d, d)`` matrix ``L`` whose product ``L @ g`` puts channel-first entries in the new basis."""
+    if role == "producers":
+        mapping = op[1].to(device=device, dtype=dtype)
+        if sl.scale:  # s'_j = sum_i inverse[j, i] s_i mapping[i, j]: diag(M^-1 diag(s) M)
+            return op[2].to(device=device, dtype=dtype) * mapping.T
+        # rows: P' = mapping^T P ; variances: v' = (mapping**2)^T v
+        return (mapping.square() if sl.variance else mapping).T
+    # columns: C' = C inverse^T, i.e. new channel j = sum_i inverse[j, i] old channel i
+    return op[2].to(device=device, dtype=dtype)
 
 
 def _transformed(g: torch.Tensor, sl: ParamSlice, op, role: str, device) -> torch.Tensor:
     """``g`` (channels first) in the new basis of its space, in ``g``'s precision."""
     if op[0] == "perm":
         return g[op[1].to(device)]
-    if role == "producers":
-        mapping = op[1].to(device=device, dtype=g.dtype)
-        if sl.scale:  # s'_j = sum_i inverse[j, i] s_i mapping[i, j]: diag(M^-1 diag(s) M)
-            mat = op[2].to(device=device, dtype=g.dtype) * mapping.T
-            return (mat @ g.reshape(g.shape[0], -1)).reshape(mat.shape[0], *g.shape[1:])
-        # rows: P' = mapping^T P ; variances: v' = (mapping**2)^T v
-        mat = mapping.square() if sl.variance else mapping
-        return (mat.T @ g.reshape(g.shape[0], -1)).reshape(g.shape)
-    # columns: C' = C inverse^T, i.e. new channel j = sum_i inverse[j, i] old channel i
-    inverse = op[2].to(device=device, dtype=g.dtype)
-    return (inverse @ g.reshape(g.shape[0], -1)).reshape(g.shape)
+    matrix = _left_matrix(sl, op, role, device, g.dtype)
+    return (matrix @ g.reshape(g.shape[0], -1)).reshape(g.shape)
 
 
 def slices_by_tensor(spaces: Sequence[Space], ops: Sequence) -> dict:
