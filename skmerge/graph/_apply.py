@@ -153,11 +153,11 @@ def _transform_slice(t: torch.Tensor, sl: ParamSlice, op, role: str) -> None:
         g = gather_slice(t, sl)  # channel, its k positions, everything else
         _scatter_(view, sl, positions, _transformed(g, sl, op, role, t.device))
         return
+    if view.numel() == 0:
+        return
     # The slice is the whole axis (channel-major): the tensor is a
     # (before, channel, after) view, transformed in place a chunk at a time so
     # that no product output is as large as a big tensor (a classifier).
-    if view.numel() == 0:
-        return
     before = math.prod(view.shape[:sl.axis])
     x = view.view(before, d, view.numel() // (before * d))
     if op[0] == "perm":
