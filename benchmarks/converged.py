@@ -16,6 +16,10 @@ together are merged with
   shrinkage), ``gamma`` picked from the reference's grid ``1e-6 ... 1e7`` on the
   same held-out data, with the default placement only (where the reference
   code observes the features too),
+* REPAIR (``repair=True``) after ``PermutationAligner()`` and after
+  ``CCAAligner()``, default placement, on the families without BatchNorm
+  (where the re-estimated BatchNorm statistics are not already a
+  renormalization of every channel),
 * an ablation, with the default placement only: ``CCAAligner()`` with the
   per-channel scales (BatchNorm weights; ``ParamSlice.scale``) transformed
   as vectors (``mapping.T @ s``) instead of by the diagonal of
@@ -34,6 +38,7 @@ Writes ``benchmarks/results/converged.json`` and
     python benchmarks/converged.py                    # every family: ResNet20 x1 about 15 min per placement, VGG11 x1/4 1-3 min
     python benchmarks/converged.py --families resnet20-x1 --taps formed
     python benchmarks/converged.py --parts reference  # only the ridge CCA column, other results kept
+    python benchmarks/converged.py --parts repair --missing  # only the REPAIR columns
     python benchmarks/converged.py --tables-only      # rewrite the tables from the json
 """
 
@@ -56,6 +61,7 @@ from _base_models import FAMILIES, accuracy, available_seeds, load_base_models  
 from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, rst_table,  # noqa: E402
                      setup_torch, update_families, write_text)
 from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
+from skmerge.batchnorm import has_batchnorm  # noqa: E402
 from skmerge.graph import find_spaces  # noqa: E402
 
 OUTPUT = RESULTS / "converged.json"
@@ -63,7 +69,7 @@ TAPS = ("formed", "consumers", "both")
 #: Regularization grid of the tuned CCA (chosen on the validation images).
 GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 N_ALIGN = 3000
-PARTS = ("main", "reference")
+PARTS = ("main", "reference", "repair")
 
 
 def parse_args(argv=None):
@@ -72,9 +78,10 @@ def parse_args(argv=None):
                         help="comma-separated (default: every family with two or more checkpoints)")
     parser.add_argument("--taps", default=",".join(TAPS), help=f"comma-separated, from {', '.join(TAPS)}")
     parser.add_argument("--parts", default=",".join(PARTS),
-                        help="comma-separated, from main (every aligner and placement) and reference (the "
-                             "ridge CCA of the reference code, default placement); results of parts not run "
-                             "are kept")
+                        help="comma-separated, from main (every aligner and placement), reference (the "
+                             "ridge CCA of the reference code, default placement) and repair (REPAIR after "
+                             "permutation and CCA, default placement, families without BatchNorm); results "
+                             "of parts not run are kept")
     parser.add_argument("--missing", action="store_true",
                         help="only the sets and parts that have no results yet (e.g. after training more seeds)")
     parser.add_argument("--threads", type=int, default=2)
@@ -140,6 +147,17 @@ def reference_set(models, spaces, align, validation, test) -> dict:
                 "ridge_cca_validation": {f"{g:g}": s for g, s in scores.items()}}
 
 
+def repair_set(models, spaces, align, test) -> dict:
+    """Permutation and CCA (default) followed by REPAIR, on the alignment images."""
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, aligner in (("permutation", PermutationAligner()), ("cca_default", CCAAligner())):
+            merger = ModelMerger(models, aligner, spaces=spaces, repair=True, device="cpu", verbose=False)
+            out[name] = accuracy(merger.fit(align).merged_model_, test)
+    return out
+
+
 def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool = False,
                save=lambda: None) -> None:
     """Merge every set of the family's models; ``save()`` after each set (a long run keeps its sets)."""
@@ -178,6 +196,12 @@ def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool
             entry["reference"]["seconds"] = round(time.perf_counter() - tick, 1)
             print(f"{family} {key} ridge CCA: {100 * entry['reference']['ridge_cca']:.2f} (gamma="
                   f"{entry['reference']['ridge_cca_gamma']:g}; {entry['reference']['seconds']} s)", flush=True)
+        if "repair" in parts and not has_batchnorm(group[0]) and not (missing and "repair" in entry):
+            tick = time.perf_counter()
+            entry["repair"] = repair_set(group, spaces_at("formed"), align, test)
+            entry["repair"]["seconds"] = round(time.perf_counter() - tick, 1)
+            print(f"{family} {key} REPAIR: permutation {100 * entry['repair']['permutation']:.2f}, CCA "
+                  f"{100 * entry['repair']['cca_default']:.2f} ({entry['repair']['seconds']} s)", flush=True)
         for taps in taps_list if "main" in parts else ():
             if missing and taps in entry:
                 continue
@@ -254,6 +278,29 @@ def tables(results: dict) -> tuple[str, str]:
     return meta_text, table
 
 
+def repair_table(results: dict) -> str:
+    """Permutation and CCA with and without REPAIR (default placement), sets where both were run."""
+    header = ["models", "merged", "base (mean)", "permutation", "permutation + REPAIR", "CCA (r=0.3)",
+              "CCA (r=0.3) + REPAIR", "best, % of base"]
+    rows = []
+    for _, fam in _in_order(results):
+        for size in sorted({len(k.split("+")) for k in fam["sets"]}):
+            entries = [e for k, e in fam["sets"].items()
+                       if len(k.split("+")) == size and "repair" in e and "formed" in e]
+            if not entries:
+                continue
+            cells = {"permutation": [e["formed"]["permutation"] for e in entries],
+                     "permutation + REPAIR": [e["repair"]["permutation"] for e in entries],
+                     "CCA": [e["formed"]["cca_default"] for e in entries],
+                     "CCA + REPAIR": [e["repair"]["cca_default"] for e in entries]}
+            base = float(np.mean([e["base_mean"] for e in entries]))
+            best = max(float(np.mean(v)) for v in cells.values())
+            rows.append([fam["label"], f"{size} ({len(entries)} set{'s' if len(entries) > 1 else ''})",
+                         _pct([e["base_mean"] for e in entries]), *(_pct(v) for v in cells.values()),
+                         f"{100 * best / base:.0f}"])
+    return rst_table(header, rows, stub_columns=1) if rows else "(no REPAIR results yet)\n"
+
+
 METHODS = {"permutation": "permutation", "cca_default": "CCA (r=0.3)", "cca_tuned": "CCA (tuned r)"}
 
 
@@ -305,6 +352,7 @@ def write_tables(results: dict) -> None:
     write_text(GENERATED / "converged_meta.inc", meta)
     write_text(GENERATED / "converged_tables.inc", table)
     write_text(GENERATED / "converged_findings.inc", findings(results))
+    write_text(GENERATED / "converged_repair.inc", repair_table(results))
 
 
 def main(argv=None) -> None:

@@ -34,7 +34,7 @@ from .graph._export import meta_copy
 from .graph._find import analyze
 from .graph._permute import verify_spaces
 from .graph._runner import GraphRunner, model_tensors, runner_for
-from .repair import repair_
+from .repair import channel_maps_of, repair_
 from .stats import CrossCovariance, ReferenceCovariance
 
 __all__ = ["ModelMerger", "SmallSampleMergeWarning"]
@@ -101,8 +101,10 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         ICLR 2023; :func:`skmerge.repair.repair_`): rescale and shift every
         hidden channel of the merged model so that its mean and standard
         deviation on the alignment data become the interpolation (with
-        ``weights``) of those of the aligned models, folded into the layers'
-        weights and biases (or BatchNorm affine parameters). It counters the
+        ``weights``) of those of the base models in the reference's basis
+        (the aligned models after permutations; after dense maps each base
+        model's own outputs times its map), folded into the layers' weights
+        and biases (or BatchNorm affine parameters). It counters the
         variance collapse of averaging and helps most in networks *without*
         BatchNorm, where the BatchNorm reset has nothing to re-estimate; with
         BatchNorm it also restores the scale of the BatchNorm outputs. Costs
@@ -343,7 +345,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self.timings_["reset_bn"] = time.perf_counter() - tick
         if repair:
             tick = time.perf_counter()
-            self._repair(merged_model, aligned, self.weights_, _reread(loader, "apply REPAIR"))
+            self._repair(merged_model, models, aligned, self.weights_, _reread(loader, "apply REPAIR"))
             del aligned
             self.timings_["repair"] = time.perf_counter() - tick
         self.timings_["total"] = time.perf_counter() - start
@@ -667,15 +669,27 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         warnings.warn(f"{message} Pass more alignment data.", SmallSampleMergeWarning, stacklevel=4)
         return aligner
 
-    def _repair(self, merged_model: nn.Module, aligned_states, weights, data) -> None:
-        """REPAIR ``merged_model`` in place against the models' states in the reference's basis."""
-        aligned = []
-        for state in aligned_states:
-            model = copy.deepcopy(merged_model)
-            model.load_state_dict(state)
-            aligned.append(model.eval())
-        repair_(merged_model, aligned, weights, data, batch_size=self.batch_size,
-                device=self.device_, spaces=self.spaces_, verbose=self._show_progress())
+    def _repair(self, merged_model: nn.Module, models, aligned_states, weights, data) -> None:
+        """REPAIR ``merged_model`` in place against the models' features in the reference's basis.
+
+        After permutations the aligned states compute the models' features
+        exactly: they are the targets. A dense map does not commute with the
+        nonlinearities, so a model with transformed weights computes other
+        features than it was trained to; the targets are then the models as
+        trained, each output mapped into the reference's basis.
+        """
+        transforms = [[_transform_of(row[k]) for row in self.aligners_] for k in range(len(models))]
+        if any(isinstance(t, tuple) for row in transforms for t in row):
+            targets = [copy.deepcopy(model).eval() for model in models]  # copies: repair_ moves them
+            maps = [channel_maps_of(model, self.spaces_, row) for model, row in zip(models, transforms)]
+        else:
+            targets, maps = [], None
+            for state in aligned_states:
+                model = copy.deepcopy(merged_model)
+                model.load_state_dict(state)
+                targets.append(model.eval())
+        repair_(merged_model, targets, weights, data, batch_size=self.batch_size, device=self.device_,
+                spaces=self.spaces_, channel_maps=maps, verbose=self._show_progress())
 
     def _transform_precision(self, models) -> str:
         """Products with dense maps in float32 for float32 models (``precision``), else float64.
@@ -801,7 +815,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             reset_bn_stats(model, X, batch_size=self.batch_size, device=self.device_,
                            exact=self.reset_bn == "exact")
         if repair:
-            self._repair(model, aligned, weights, X)
+            self._repair(model, models, aligned, weights, X)
         return model.eval()
 
     @staticmethod

@@ -40,7 +40,7 @@ from ._distributed import all_reduce_sum_, is_distributed
 from ._modes import evaluation_mode
 from .graph import find_spaces
 
-__all__ = ["repair_", "RepairWarning"]
+__all__ = ["repair_", "channel_maps_of", "RepairWarning"]
 
 # Layers whose output channels are the rows of their weight (and bias).
 _AFFINE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -310,6 +310,7 @@ def repair_(
     device: torch.device | str | None = None,
     spaces=None,
     eps: float = 1e-5,
+    channel_maps: Sequence[dict | None] | None = None,
     verbose: bool = False,
 ) -> nn.Module:
     """Renormalize the merged model's hidden channels to the aligned models' statistics (REPAIR), in place.
@@ -380,6 +381,17 @@ def repair_(
         about ``eps * mean(st**2) / s**2``, while a dead merged channel is
         amplified by at most about ``sqrt(1 / eps)`` (times its target std
         relative to the layer's) instead of without bound.
+    channel_maps : sequence of dict or None, optional
+        One entry per model of ``aligned_models``: None, or a dict from a
+        repaired module's path to a ``(C, C)`` matrix ``T``; that model's
+        target at that module is then the statistics of its output mapped
+        into the merged basis, ``output @ T`` along the channel axis, instead
+        of the output itself. This repairs against the base models as
+        trained (pass them as ``aligned_models``, with ``T`` the map of
+        their channels, see :func:`channel_maps_of`) when the alignment is not a
+        permutation: a dense map does not commute with the nonlinearities,
+        so a base model with transformed weights no longer computes its
+        features, and its statistics are not those of the features it had.
     verbose : bool, default=False
         Show a progress bar.
 
@@ -417,8 +429,11 @@ def repair_(
     targets are matched only approximately there.
 
     The targets come from ``aligned_models``: after a permutation they
-    compute exactly the base models' functions; after a non-permutation
-    mapping (CCA) they approximate them.
+    compute exactly the base models' functions. After a dense mapping (CCA,
+    Procrustes) a model with transformed weights does not (its
+    nonlinearities act on mixed channels); with ``channel_maps`` the targets
+    are the base models' own outputs mapped into the merged basis, which
+    is what :class:`~skmerge.ModelMerger` does for dense maps.
 
     Examples
     --------
@@ -439,6 +454,7 @@ def repair_(
     """
     aligned_models = _validated(merged_model, aligned_models)
     weights = [float(w) for w in _normalized(weights, len(aligned_models))]
+    channel_maps = _validated_maps(channel_maps, len(aligned_models))
     eps = float(eps)
     if not eps >= 0:
         raise ValueError(f"eps must be non-negative, got {eps!r}.")
@@ -460,8 +476,8 @@ def repair_(
             if not points:
                 _warn_skipped(skipped)
                 return merged_model
-
-            repair_pass = _StreamingRepair(points, len(aligned_models), weights, eps, stats_device)
+            maps = _maps_of_points(channel_maps, points, device)
+            repair_pass = _StreamingRepair(points, len(aligned_models), weights, eps, stats_device, maps)
             batches = tqdm(iter_inputs(loader, device, dtype), total=loader_length(loader),
                            desc="REPAIR statistics", disable=not verbose, leave=False)
             if repair_pass.run(merged_model, aligned_models, batches) == 0:
@@ -484,8 +500,10 @@ class _StreamingRepair:
     """
 
     def __init__(self, points: list, n_models: int, weights: list, eps: float,
-                 stats_device: torch.device) -> None:
+                 stats_device: torch.device, maps: list | None = None) -> None:
         self.points, self.weights, self.eps, self.stats_device = points, weights, eps, stats_device
+        # maps[k][i]: the (C, C) map of model k's output at point i into the merged basis, or None
+        self.maps = maps if maps is not None else [[None] * len(points) for _ in range(n_models)]
         self.targets = [[_Moments(p.n_channels, stats_device) for p in points] for _ in range(n_models)]
         self.merged = [_Moments(p.n_channels, stats_device) for p in points]
         # This batch's (mean, var) of every call: calls[k][i] for aligned model k, point i.
@@ -496,8 +514,10 @@ class _StreamingRepair:
         def hook(module, _args, output):
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"REPAIR expects a tensor output from {point.module!r}.")
-            count, mean, var = _batch_moments(output, point.axis(module, output),
-                                              point.n_channels, self.stats_device)
+            axis = point.axis(module, output)
+            if self.maps[k][i] is not None:
+                output, axis = _mapped(output, axis, self.maps[k][i]), 1  # (rows, channels)
+            count, mean, var = _batch_moments(output, axis, point.n_channels, self.stats_device)
             _check_finite(mean, var, point, f"aligned model {k}")
             self.targets[k][i].add(count, mean, var)
             self.calls[k][i].append((mean, var))
@@ -562,6 +582,110 @@ class _StreamingRepair:
             scale, shift = _correction(self.merged[i].mean, self.merged[i].var, target_mean, target_std,
                                        point.channels, self.eps)
             _fold(merged_model.get_submodule(point.module), point, scale, shift)
+
+
+def _mapped(output: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+    """``output`` with its channel axis multiplied by ``matrix``, channels last."""
+    y = output.detach()
+    if y.ndim == 1:
+        y = y.unsqueeze(0)
+        axis = 1
+    y = y.movedim(axis, -1)
+    if y.shape[-1] != matrix.shape[0]:
+        raise ValueError(f"a channel map of shape {tuple(matrix.shape)} does not fit an output with "
+                         f"{y.shape[-1]} channels")
+    return y.reshape(-1, y.shape[-1]) @ matrix.to(y.device, y.dtype)
+
+
+def _validated_maps(channel_maps, n_models: int) -> list:
+    if channel_maps is None:
+        return [None] * n_models
+    if isinstance(channel_maps, dict) or not isinstance(channel_maps, Sequence):
+        raise TypeError("channel_maps must be a list with one dict (or None) per aligned model, "
+                        f"got {type(channel_maps).__name__}.")
+    channel_maps = list(channel_maps)
+    if len(channel_maps) != n_models:
+        raise ValueError(f"channel_maps has {len(channel_maps)} entries for {n_models} aligned models.")
+    for k, maps in enumerate(channel_maps):
+        if maps is not None and not isinstance(maps, dict):
+            raise TypeError(f"channel_maps[{k}] must be a dict or None, got {type(maps).__name__}.")
+    return channel_maps
+
+
+def _maps_of_points(channel_maps: list, points: list, device: torch.device) -> list:
+    """``maps[k][i]``: model ``k``'s map at point ``i`` (float32 or float64, on ``device``), or None."""
+    maps = []
+    for k, by_module in enumerate(channel_maps):
+        row = []
+        for point in points:
+            matrix = None if by_module is None else by_module.get(point.module)
+            if matrix is not None:
+                matrix = torch.as_tensor(matrix)
+                if tuple(matrix.shape) != (point.n_channels, point.n_channels):
+                    raise ValueError(f"channel_maps[{k}][{point.module!r}] has shape {tuple(matrix.shape)}, "
+                                     f"expected ({point.n_channels}, {point.n_channels}).")
+                if not matrix.is_floating_point() or not bool(torch.isfinite(matrix).all()):
+                    raise ValueError(f"channel_maps[{k}][{point.module!r}] must be a finite float matrix.")
+                matrix = matrix.to(device)
+            row.append(matrix)
+        maps.append(row)
+    return maps
+
+
+def channel_maps_of(model: nn.Module, spaces, transforms) -> dict:
+    """The map of each producer module's output channels into the aligned basis.
+
+    For every module whose output channels (axis 0 of its parameters) belong
+    to a feature space, the ``(C, C)`` matrix ``T`` with ``output @ T`` equal
+    to that output expressed in the aligned basis: the space's ``mapping`` on
+    its channels, the identity on channels of no space. This is what
+    ``repair_(..., channel_maps=...)`` needs to take its targets from a base
+    model as trained.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The base model (only its modules' shapes are read).
+    spaces : list of skmerge.graph.Space
+    transforms : sequence
+        One per space, as for :func:`skmerge.graph.apply_transforms`: None,
+        a permutation, or a pair ``(mapping, inverse_mapping)``.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Module path to float64 matrix (CPU).
+    """
+    from .graph._apply import normalize_transforms
+
+    modules = dict(model.named_modules())
+    maps: dict[str, torch.Tensor] = {}
+    for space, op in zip(spaces, normalize_transforms(spaces, transforms)):
+        if op is None:
+            continue
+        mapping = op[1].to(torch.float64) if op[0] == "pair" else _permutation_matrix(op[1])
+        seen = set()
+        for piece in space.producers:
+            path = piece.name.rpartition(".")[0]
+            module = modules.get(path)
+            if path in seen or piece.axis != 0 or piece.index.shape[1] != 1 \
+                    or not isinstance(module, _AFFINE_TYPES + _NORM_TYPES):
+                continue
+            seen.add(path)
+            if path not in maps:
+                n_channels = int(module.weight.shape[0])
+                maps[path] = torch.eye(n_channels, dtype=torch.float64)
+            index = piece.index[:, 0].cpu()
+            maps[path][index.unsqueeze(1), index.unsqueeze(0)] = mapping.cpu()
+    return maps
+
+
+def _permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+    """The mapping of a permutation: ``mapping[perm[j], j] = 1``."""
+    d = perm.numel()
+    matrix = torch.zeros(d, d, dtype=torch.float64)
+    matrix[perm, torch.arange(d)] = 1.0
+    return matrix
 
 
 def _first_inputs(loader, device, dtype) -> torch.Tensor:

@@ -28,8 +28,8 @@ import _archs  # noqa: E402
 
 from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
 from skmerge.batchnorm import reset_bn_stats  # noqa: E402
-from skmerge.graph import find_spaces, permute_model  # noqa: E402
-from skmerge.repair import RepairWarning, _find_repair_points, repair_  # noqa: E402
+from skmerge.graph import ParamSlice, Space, find_spaces, permute_model  # noqa: E402
+from skmerge.repair import RepairWarning, _find_repair_points, channel_maps_of, repair_  # noqa: E402
 from skmerge.weight_matching import WeightMatchingMerger  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads only contend
@@ -224,10 +224,10 @@ def digits_models():
     return _archs.digits_mlps(2, epochs=20)
 
 
-def _test_loss(merger, test):
+def _test_loss(model, test):
     inputs, labels = test.tensors
     with torch.no_grad():
-        return float(F.cross_entropy(merger.merged_model_(inputs), labels))
+        return float(F.cross_entropy(model(inputs), labels))
 
 
 def test_repair_improves_merged_mlps_without_batchnorm(digits_models):
@@ -237,7 +237,7 @@ def test_repair_improves_merged_mlps_without_batchnorm(digits_models):
     for name, aligner in [("identity", IdentityAligner()), ("permutation", PermutationAligner())]:
         for repair in (False, True):
             merger = ModelMerger(models, aligner, repair=repair, device="cpu").fit(inputs)
-            result[name, repair] = (merger.score(*test.tensors), _test_loss(merger, test))
+            result[name, repair] = (merger.score(*test.tensors), _test_loss(merger.merged_model_, test))
     # Plain averaging collapses the hidden variance; REPAIR restores much of the accuracy
     # (observed: loss about halved, +13 accuracy points).
     assert result["identity", True][1] < 0.8 * result["identity", False][1], result
@@ -245,6 +245,22 @@ def test_repair_improves_merged_mlps_without_batchnorm(digits_models):
     # After a permutation alignment it still lowers the loss (observed: about -15 %).
     assert result["permutation", True][1] < 0.95 * result["permutation", False][1], result
     assert result["permutation", True][0] >= result["permutation", False][0] - 0.01, result
+
+
+def test_after_cca_repair_targets_from_the_base_models_beat_those_of_the_transformed_models(digits_models):
+    models, train, test = digits_models
+    inputs = train.tensors[0]
+    plain = ModelMerger(models, CCAAligner(), device="cpu").fit(inputs)
+    repaired = ModelMerger(models, CCAAligner(), repair=True, device="cpu").fit(inputs)
+    # REPAIR against the CCA-transformed models, which do not compute the base models' features
+    transformed = repair_(copy.deepcopy(plain.merged_model_), _aligned_models(plain), None, inputs,
+                          spaces=plain.spaces_)
+    losses = {"cca": _test_loss(plain.merged_model_, test), "repaired": _test_loss(repaired.merged_model_, test),
+              "transformed targets": _test_loss(transformed, test)}
+    # observed: 0.293, 0.272, 0.285
+    assert losses["repaired"] < 0.96 * losses["cca"], losses
+    assert losses["repaired"] < 0.98 * losses["transformed targets"], losses
+    assert repaired.score(*test.tensors) >= plain.score(*test.tensors), losses
 
 
 def test_grid_search_over_repair(digits_models):
@@ -255,6 +271,116 @@ def test_grid_search_over_repair(digits_models):
     search.fit(inputs.numpy(), labels.numpy())
     assert search.best_params_ == {"repair": True}
     assert search.best_estimator_.repair is True
+
+
+# ------------------------------------------------------------- dense maps
+@torch.no_grad()
+def _mapped_channel_stats(model, path, matrix, inputs):
+    """Independent: per-channel mean and std of ``output @ matrix`` (channels moved last)."""
+    outputs = []
+    handle = model.get_submodule(path).register_forward_hook(lambda _m, _a, out: outputs.append(out.clone()))
+    try:
+        model.eval()(inputs)
+    finally:
+        handle.remove()
+    (out,) = outputs
+    rows = (out if out.ndim == 2 else out.movedim(1, -1)).reshape(-1, matrix.shape[0]).double()
+    values = rows @ matrix.double()
+    return values.mean(0), values.std(0, unbiased=False)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_after_dense_maps_the_targets_are_the_base_models_features_in_the_merged_basis(case):
+    """With CCA the targets are each base model's own outputs times its map, not a transformed model's."""
+    arch, paths = CASES[case]
+    models = [_archs.make_model(arch, seed=s) for s in range(2)]
+    inputs = _archs.inputs(arch, 200)
+    weights = np.array([0.4, 0.6])
+    merger = ModelMerger(models, CCAAligner(), weights=weights, batch_size=200, repair=True,
+                         device="cpu").fit(inputs)
+    # Each point's map, independently: the mapping of the space its channels produce (the
+    # convolution's and the BatchNorm's after it); the reference's aligner is None (identity).
+    maps = [{} for _ in models]
+    for space, row in zip(merger.spaces_, merger.aligners_):
+        for path in {sl.name.rpartition(".")[0] for sl in space.producers}:
+            for k in range(2):
+                maps[k][path] = (torch.eye(space.dim, dtype=torch.float64) if row[k] is None
+                                 else torch.as_tensor(row[k].mapping_).double())
+    repaired = _channel_stats(merger.merged_model_, paths, inputs)
+    transformed = [_channel_stats(model, paths, inputs) for model in _aligned_models(merger)]
+    for path in paths:
+        stats = [_mapped_channel_stats(model, path, maps[k][path], inputs) for k, model in enumerate(models)]
+        target_mean = sum(w * m for w, (m, _) in zip(weights, stats)).to(repaired[path][0].dtype)
+        target_std = sum(w * s for w, (_, s) in zip(weights, stats)).to(repaired[path][1].dtype)
+        torch.testing.assert_close(repaired[path][0], target_mean, rtol=0, atol=1e-4, msg=path)
+        torch.testing.assert_close(repaired[path][1], target_std, rtol=1e-3, atol=1e-5, msg=path)
+        # the old targets, the transformed models' own statistics, are others beyond the first layer
+        old_std = sum(w * s[path][1] for w, s in zip(weights, transformed))
+        if path != paths[0]:
+            assert float(((old_std - target_std).abs() / target_std).max()) > 0.05, path
+
+
+def test_channel_maps_of_gives_each_producers_map_and_identity_elsewhere():
+    model = _archs.make_model("vgg", seed=0)
+    example = _archs.inputs("vgg", 4)
+    spaces = find_spaces(model, example)
+    rng = torch.Generator().manual_seed(0)
+    dense = [(torch.randn(s.dim, s.dim, generator=rng, dtype=torch.float64),
+              torch.randn(s.dim, s.dim, generator=rng, dtype=torch.float64)) for s in spaces]
+    perms = [torch.randperm(s.dim, generator=rng) for s in spaces]
+    dense_maps, perm_maps = channel_maps_of(model, spaces, dense), channel_maps_of(model, spaces, perms)
+    # every producer module: the convolutions and the BatchNorms after them, the hidden Linear
+    producers = {sl.name.rpartition(".")[0] for s in spaces for sl in s.producers}
+    assert set(dense_maps) == set(perm_maps) == producers
+    for space, (mapping, _), perm in zip(spaces, dense, perms):
+        for path in {sl.name.rpartition(".")[0] for sl in space.producers}:
+            torch.testing.assert_close(dense_maps[path], mapping, rtol=0, atol=0)
+            x = torch.randn(3, space.dim, dtype=torch.float64, generator=rng)
+            assert torch.equal(x @ perm_maps[path], x[:, perm])  # new channel j = old channel perm[j]
+    # None leaves a space out; a space on part of a module's channels keeps the identity on the others
+    assert channel_maps_of(model, spaces, [None] * len(spaces)) == {}
+    linear = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+    part = Space(dim=2, producers=[ParamSlice(f"0.{p}", 0, torch.tensor([[1], [4]])) for p in ("weight", "bias")])
+    (matrix,) = channel_maps_of(linear, [part], [(torch.tensor([[0.0, 2.0], [3.0, 0.0]]),) * 2]).values()
+    expected = torch.eye(6, dtype=torch.float64)
+    expected[1, 1], expected[1, 4], expected[4, 1], expected[4, 4] = 0.0, 2.0, 3.0, 0.0
+    assert torch.equal(matrix, expected)
+
+
+def test_with_permutation_maps_the_base_models_give_the_aligned_models_targets():
+    """For a permutation the two ways of taking the targets agree: the maps are exact then."""
+    models = [_archs.make_model("vgg", seed=s) for s in range(2)]
+    inputs = _archs.inputs("vgg", 96)
+    merger = ModelMerger(models, PermutationAligner(), batch_size=48, device="cpu").fit(inputs)
+    from skmerge.merge import _transform_of
+    maps = [channel_maps_of(model, merger.spaces_, [_transform_of(row[k]) for row in merger.aligners_])
+            for k, model in enumerate(models)]
+    by_aligned = repair_(copy.deepcopy(merger.merged_model_), _aligned_models(merger), None, inputs,
+                         batch_size=48, spaces=merger.spaces_)
+    by_maps = repair_(copy.deepcopy(merger.merged_model_), models, None, inputs, batch_size=48,
+                      spaces=merger.spaces_, channel_maps=maps)
+    for key, value in by_aligned.state_dict().items():
+        torch.testing.assert_close(by_maps.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not all(torch.equal(v, merger.merged_model_.state_dict()[k]) for k, v in by_maps.state_dict().items())
+
+
+def test_channel_map_errors():
+    models = [_archs.make_model("mlp", seed=s) for s in range(2)]
+    inputs = _archs.inputs("mlp", 20)
+    merged = copy.deepcopy(models[0])
+    n = models[0].layers[0].out_features
+    with pytest.raises(ValueError, match="2 entries for 2|1 entries for 2"):
+        repair_(merged, models, None, inputs, channel_maps=[None])
+    with pytest.raises(TypeError, match="one dict"):
+        repair_(merged, models, None, inputs, channel_maps={"layers.0": torch.eye(n)})
+    with pytest.raises(TypeError, match=r"channel_maps\[1\] must be a dict"):
+        repair_(merged, models, None, inputs, channel_maps=[None, torch.eye(n)])
+    with pytest.raises(ValueError, match=r"channel_maps\[0\]\['layers.0'\] has shape \(3, 3\)"):
+        repair_(merged, models, None, inputs, channel_maps=[{"layers.0": torch.eye(3)}, None])
+    bad = torch.eye(n)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite float matrix"):
+        repair_(merged, models, None, inputs, channel_maps=[{"layers.0": bad}, None])
 
 
 # --------------------------------------------------------- what it leaves alone
