@@ -105,6 +105,9 @@ def parse_args(argv=None):
     parser.add_argument("--families", default=None,
                         help="comma-separated (default: every family with two or more checkpoints)")
     parser.add_argument("--methods", default=None, help="comma-separated keys (default: all)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds of the models to merge (default: every trained one; "
+                             "a run of some methods must use the seeds of the records it joins)")
     parser.add_argument("--pairs", type=int, default=None,
                         help="merge only the first PAIRS pairs of models (default: every pair)")
     parser.add_argument("--no-all", action="store_true",
@@ -186,12 +189,21 @@ def run_family(name: str, args, previous: dict | None, save=lambda out: None) ->
     """Every method on every set of one family's models; ``save(out)`` after each set (a long run
     that is stopped keeps the sets it finished)."""
     seeds = available_seeds(name)
+    if getattr(args, "seeds", None):
+        wanted = [int(x) for x in str(args.seeds).split(",")]
+        if missing := sorted(set(wanted) - set(seeds)):
+            raise SystemExit(f"{name}: no checkpoint for seeds {missing}; trained: {seeds}")
+        seeds = wanted
+    kept = [r for r in (previous or {}).get("records", []) if r["method"] not in args.method_keys]
+    if kept and previous.get("seeds") != seeds:
+        raise SystemExit(f"{name}: the committed records of the other methods merge seeds {previous.get('seeds')}, "
+                         f"this run would merge {seeds}: pass --seeds {','.join(map(str, previous.get('seeds')))} "
+                         "(or rerun every method)")
     models, data = load_base_models(name, seeds)
     X, y = (t[:args.n_align] for t in data["heldout"].tensors)
     test = data["test"]
     if args.quick:
         test = TensorDataset(*(t[:200] for t in test.tensors))
-    kept = [r for r in (previous or {}).get("records", []) if r["method"] not in args.method_keys]
     out = {"label": FAMILIES[name].label, "seeds": seeds, "n_align": len(X),
            "base": [accuracy(m, test) for m in models], "records": kept}
     sets = [list(p) for p in itertools.combinations(range(len(models)), 2)][:args.pairs]

@@ -594,6 +594,8 @@ def _mapped(output: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tens
     if y.shape[-1] != matrix.shape[0]:
         raise ValueError(f"a channel map of shape {tuple(matrix.shape)} does not fit an output with "
                          f"{y.shape[-1]} channels")
+    if y.dtype in (torch.float16, torch.bfloat16):
+        y = y.float()  # the product of a half-precision output in float32: its moments are float64 anyway
     return y.reshape(-1, y.shape[-1]) @ matrix.to(y.device, y.dtype)
 
 

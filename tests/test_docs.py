@@ -241,3 +241,25 @@ def test_converged_tables_are_the_committed_results():
         reference_rows += 1
     assert checked == 3 * len(rows) > 0
     assert reference_rows > 0  # the reference's ridge CCA is in the committed results
+
+
+def test_converged_repair_table_is_the_committed_results():
+    """The REPAIR table: each cell the mean of the committed per-set records, only families without BatchNorm."""
+    results = json.loads((ROOT / "benchmarks" / "results" / "converged.json").read_text())
+    text = (DOCS / "_generated" / "benchmarks" / "converged_repair.inc").read_text()
+    _, (header, *rows) = parse_list_table(text)
+    assert header[3:7] == ["permutation", "permutation + REPAIR", "CCA (r=0.3)", "CCA (r=0.3) + REPAIR"]
+    for row in rows:
+        family = next(f for f in results["families"].values() if f["label"] == row[0])
+        assert "BN" not in row[0] or "no BN" in row[0]  # REPAIR is measured without BatchNorm only
+        size = int(row[1].split()[0])
+        entries = [e for key, e in family["sets"].items()
+                   if len(key.split("+")) == size and "repair" in e and "formed" in e]
+        assert int(row[1].split("(")[1].split()[0]) == len(entries) > 0
+        columns = [[e["formed"]["permutation"] for e in entries], [e["repair"]["permutation"] for e in entries],
+                   [e["formed"]["cca_default"] for e in entries], [e["repair"]["cca_default"] for e in entries]]
+        for column, values in zip(row[3:7], columns):
+            assert column.split(" ±")[0] == f"{100 * np.mean(values):.1f}", (row[0], size)
+        base = np.mean([e["base_mean"] for e in entries])
+        assert row[7] == f"{100 * max(np.mean(v) for v in columns) / base:.0f}"
+    assert len(rows) >= 3

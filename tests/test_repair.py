@@ -364,6 +364,25 @@ def test_with_permutation_maps_the_base_models_give_the_aligned_models_targets()
     assert not all(torch.equal(v, merger.merged_model_.state_dict()[k]) for k, v in by_maps.state_dict().items())
 
 
+def test_mapped_outputs_multiply_the_channel_axis_in_any_layout_and_precision():
+    from skmerge.repair import _mapped
+
+    g = torch.Generator().manual_seed(0)
+    matrix = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    conv = torch.randn(2, 5, 3, 4, generator=g)          # channels on axis 1
+    expected = torch.einsum("nchw,cd->nhwd", conv.double(), matrix).reshape(-1, 5)
+    torch.testing.assert_close(_mapped(conv, 1, matrix).double(), expected, rtol=1e-5, atol=1e-5)
+    tokens = torch.randn(2, 7, 5, generator=g)           # channels last
+    torch.testing.assert_close(_mapped(tokens, 2, matrix).double(),
+                               (tokens.double() @ matrix).reshape(-1, 5), rtol=1e-5, atol=1e-5)
+    half = conv.to(torch.bfloat16)                       # the product in float32, not in bfloat16
+    out = _mapped(half, 1, matrix)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.einsum("nchw,cd->nhwd", half.float(), matrix.float()).reshape(-1, 5))
+    vector = torch.randn(5, generator=g)                 # one sample without a batch axis
+    torch.testing.assert_close(_mapped(vector, 0, matrix), (vector.double() @ matrix).float().unsqueeze(0))
+
+
 def test_channel_map_errors():
     models = [_archs.make_model("mlp", seed=s) for s in range(2)]
     inputs = _archs.inputs("mlp", 20)
