@@ -166,12 +166,14 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
-def update_families(path: Path, families: dict, order=None, **fields) -> dict:
+def update_families(path: Path, families: dict, order=None, merge=None, **fields) -> dict:
     """Write ``families`` (name -> results) and ``fields`` into the results JSON at ``path``.
 
     The families that other runs wrote meanwhile are kept: the file is read
     and written under a lock, so runs for different families may overlap.
-    ``order`` (family names) orders the families. Returns the results written.
+    ``merge(name, on_disk, mine)``, when given, combines a family with what
+    is on disk (runs of one family that share the machine). ``order``
+    (family names) orders the families. Returns the results written.
     """
     import fcntl
 
@@ -179,7 +181,10 @@ def update_families(path: Path, families: dict, order=None, **fields) -> dict:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = read_json(path) if path.exists() else {}
-        merged = {**results.get("families", {}), **families}
+        on_disk = results.get("families", {})
+        if merge is not None:
+            families = {name: merge(name, on_disk.get(name), fam) for name, fam in families.items()}
+        merged = {**on_disk, **families}
         if order is not None:
             merged = {k: merged[k] for k in order if k in merged}
         results.update(fields, families=merged)

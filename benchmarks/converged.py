@@ -39,6 +39,8 @@ Writes ``benchmarks/results/converged.json`` and
     python benchmarks/converged.py --families resnet20-x1 --taps formed
     python benchmarks/converged.py --parts reference  # only the ridge CCA column, other results kept
     python benchmarks/converged.py --parts repair --missing  # only the REPAIR columns
+    python benchmarks/converged.py --families resnet20-x2 --missing --sets 1+2,0+3  # some sets; runs
+                                                      # of one family with other --sets may share the machine
     python benchmarks/converged.py --tables-only      # rewrite the tables from the json
 """
 
@@ -84,6 +86,9 @@ def parse_args(argv=None):
                              "of parts not run are kept")
     parser.add_argument("--missing", action="store_true",
                         help="only the sets and parts that have no results yet (e.g. after training more seeds)")
+    parser.add_argument("--sets", default=None,
+                        help="comma-separated sets of seeds to merge, e.g. 0+3,1+2 (default: every pair and "
+                             "all of a family's models); lets runs of one family share the machine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args(argv)
@@ -159,7 +164,7 @@ def repair_set(models, spaces, align, test) -> dict:
 
 
 def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool = False,
-               save=lambda: None) -> None:
+               save=lambda: None, only=None) -> None:
     """Merge every set of the family's models; ``save()`` after each set (a long run keeps its sets)."""
     seeds = available_seeds(family)
     models, data = load_base_models(family, seeds)
@@ -172,6 +177,11 @@ def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool
     sets = list(itertools.combinations(range(len(models)), 2))
     if len(models) > 2:
         sets.insert(0, tuple(range(len(models))))  # all of them first: the headline of a family
+    if only is not None:
+        keys = {"+".join(str(seeds[i]) for i in members): members for members in sets}
+        if unknown := [k for k in only if k not in keys]:
+            raise SystemExit(f"{family}: no set {unknown}; sets of seeds {seeds}: {', '.join(keys)}")
+        sets = [keys[k] for k in only]
     x_example = align.tensors[0][:8]
     for members in sets:
         key = "+".join(str(seeds[i]) for i in members)
@@ -355,6 +365,20 @@ def write_tables(results: dict) -> None:
     write_text(GENERATED / "converged_repair.inc", repair_table(results))
 
 
+def _keep_their_sets(_name: str, on_disk: dict | None, mine: dict) -> dict:
+    """My family, in place, with the sets and runs that another run of it wrote meanwhile (``--sets``).
+
+    In place: the run goes on filling the same dict.
+    """
+    if on_disk is None:
+        return mine
+    for key, entry in on_disk.get("sets", {}).items():  # their parts of a set are kept, mine win
+        mine["sets"][key] = {**entry, **mine["sets"].get(key, {})}
+    commands = {r["command"] for r in mine.get("runs", [])}
+    mine["runs"] = [r for r in on_disk.get("runs", []) if r["command"] not in commands] + mine.get("runs", [])
+    return mine
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.tables_only:
@@ -375,9 +399,10 @@ def main(argv=None) -> None:
             nonlocal results
             fam = results["families"][family]
             fam["runs"] = earlier + [{"command": command, "wall_minutes": (time.perf_counter() - start) / 60}]
-            results = update_families(OUTPUT, {family: fam}, machine=machine_info())
+            results = update_families(OUTPUT, {family: fam}, machine=machine_info(), merge=_keep_their_sets)
 
-        run_family(family, args.taps, results["families"], args.parts, args.missing, save)
+        run_family(family, args.taps, results["families"], args.parts, args.missing, save,
+                   only=args.sets.split(",") if args.sets else None)
         save()
     write_tables(results)
 
