@@ -39,6 +39,7 @@ from ._batches import as_loader, iter_inputs, loader_length, split_batch
 from ._distributed import all_reduce_sum_, is_distributed
 from ._modes import evaluation_mode
 from .graph import find_spaces
+from .graph._apply import normalize_transforms
 
 __all__ = ["repair_", "channel_maps_of", "RepairWarning"]
 
@@ -476,7 +477,7 @@ def repair_(
             if not points:
                 _warn_skipped(skipped)
                 return merged_model
-            maps = _maps_of_points(channel_maps, points, device)
+            maps = _maps_of_points(channel_maps, points, device, dtype)
             repair_pass = _StreamingRepair(points, len(aligned_models), weights, eps, stats_device, maps)
             batches = tqdm(iter_inputs(loader, device, dtype), total=loader_length(loader),
                            desc="REPAIR statistics", disable=not verbose, leave=False)
@@ -614,8 +615,13 @@ def _validated_maps(channel_maps, n_models: int) -> list:
     return channel_maps
 
 
-def _maps_of_points(channel_maps: list, points: list, device: torch.device) -> list:
-    """``maps[k][i]``: model ``k``'s map at point ``i`` (float32 or float64, on ``device``), or None."""
+def _maps_of_points(channel_maps: list, points: list, device: torch.device, dtype: torch.dtype) -> list:
+    """``maps[k][i]``: model ``k``'s map at point ``i`` on ``device``, or None.
+
+    Converted once, to the precision the outputs are multiplied in (float64
+    for float64 models, float32 otherwise), not once per batch.
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
     maps = []
     for k, by_module in enumerate(channel_maps):
         row = []
@@ -628,7 +634,7 @@ def _maps_of_points(channel_maps: list, points: list, device: torch.device) -> l
                                      f"expected ({point.n_channels}, {point.n_channels}).")
                 if not matrix.is_floating_point() or not bool(torch.isfinite(matrix).all()):
                     raise ValueError(f"channel_maps[{k}][{point.module!r}] must be a finite float matrix.")
-                matrix = matrix.to(device)
+                matrix = matrix.to(device=device, dtype=work)
             row.append(matrix)
         maps.append(row)
     return maps
@@ -658,8 +664,6 @@ def channel_maps_of(model: nn.Module, spaces, transforms) -> dict:
     dict of str to torch.Tensor
         Module path to float64 matrix (CPU).
     """
-    from .graph._apply import normalize_transforms
-
     modules = dict(model.named_modules())
     maps: dict[str, torch.Tensor] = {}
     for space, op in zip(spaces, normalize_transforms(spaces, transforms)):
