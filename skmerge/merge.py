@@ -680,7 +680,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         """
         transforms = [[_transform_of(row[k]) for row in self.aligners_] for k in range(len(models))]
         if any(isinstance(t, tuple) for row in transforms for t in row):
-            targets = [copy.deepcopy(model).eval() for model in models]  # copies: repair_ moves them
+            targets = [copy.deepcopy(model).eval() for model in models]  # copies: the inputs are never hooked
             maps = [channel_maps_of(model, self.spaces_, row) for model, row in zip(models, transforms)]
         else:
             targets, maps = [], None
