@@ -68,6 +68,7 @@ from _common import (CACHE, GENERATED, RESULTS, load_benchmark_data, log, machin
 from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
 from skmerge.batchnorm import reset_bn_stats  # noqa: E402
 from skmerge.models import get_model  # noqa: E402
+from skmerge import _linalg as linalg  # noqa: E402
 from skmerge.aligners._cca import _whitening  # noqa: E402
 from skmerge.stats import CrossCovariance  # noqa: E402
 
@@ -97,6 +98,8 @@ def parse_args(argv=None):
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="which measurements to run (a subset keeps the other parts' committed results)")
     parser.add_argument("--large-size", type=int, default=None, help="alignment images of the large model (256)")
+    parser.add_argument("--large-threads", default="1,2",
+                        help="torch threads of the large model's runs, one fresh process each (default 1,2)")
     parser.add_argument("--polar-dims", default=None, help="polar factor widths (default 1024,2048,4096)")
     parser.add_argument("--large-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one fit and exit")
@@ -119,6 +122,7 @@ def parse_args(argv=None):
     args.parts = set(args.parts.split(","))
     if args.large_size is None:
         args.large_size = 32 if args.quick else 256
+    args.large_threads = [int(t) for t in str(args.large_threads).split(",")]
     if args.polar_dims is None:
         args.polar_dims = [128, 256] if args.quick else [1024, 2048, 4096]
     else:
@@ -505,10 +509,11 @@ def large_child(args) -> dict:
         merger = ModelMerger(models, CCAAligner(), batch_size=args.batch_size, device="cpu",
                              self_check=False).fit(X[:2 * args.batch_size])
     dims = [s.dim for s in merger.spaces_]
-    svd = {}
+    svd_torch, svd_lapack = {}, {}
     for d in sorted(set(dims)):
         m = torch.randn(d, d, generator=torch.Generator().manual_seed(d))
-        svd[d] = _timeit(lambda: torch.linalg.svd(m, full_matrices=False), 1, "cpu")
+        svd_torch[d] = _timeit(lambda: torch.linalg.svd(m, full_matrices=False), 1, "cpu")
+        svd_lapack[d] = _timeit(lambda: linalg.svd(m), 1, "cpu")  # SciPy's LAPACK, what the solve uses
     products = _transform_products(merger)
     gemm = 0.0
     for d, columns in products:
@@ -516,27 +521,43 @@ def large_child(args) -> dict:
         b = torch.randn(d, min(columns, (1 << 22) // d) or 1)
         scale = columns / b.shape[1]
         gemm += scale * _timeit(lambda: a @ b, 1, "cpu")
-    svd_total = sum(svd[d] for d in dims)  # one per space and model (2 models: one is the reference)
+    # one SVD per space and model (2 models: one is the reference), with the faster backend
+    svd_total = sum(min(svd_torch[d], svd_lapack[d]) for d in dims)
     bound = forward + svd_total + gemm + bn
     return {"model_mib": model_mib, "n_parameters": sum(p.numel() for p in models[0].parameters()),
             "baseline_mib": baseline, "fit_extra_mib": peak - baseline, "statistics_mib": stats_mib,
             "timings": timings, "forward": forward, "bn_pass": bn, "svd": svd_total,
+            "svd_torch": sum(svd_torch[d] for d in dims), "svd_lapack": sum(svd_lapack[d] for d in dims),
+            "threads": torch.get_num_threads(),
             "transform_gemm": gemm, "bound": bound, "ratio": timings["total"] / bound,
             "dims": dims, "n_samples": args.large_size, "peak_reset": reset}
 
 
-def measure_large(args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--large-child", "--threads", str(args.threads),
-           "--batch-size", str(args.batch_size), "--large-size", str(args.large_size)] + (
-               ["--quick"] if args.quick else [])
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    row = json.loads(result.stdout.strip().splitlines()[-1])
-    t = row["timings"]
-    log(f"  large: fit {t['total']:.1f} s (stats {t['statistics']:.1f}, solve {t['solve']:.1f}, transform "
-        f"{t['transform']:.1f}, BN {t['reset_bn']:.1f}) vs bound {row['bound']:.1f} s; memory +"
-        f"{row['fit_extra_mib']:.0f} MiB for models of {row['model_mib']:.0f} MiB")
-    return row
+def measure_large(args) -> list[dict]:
+    """One fresh process per thread count in ``--large-threads``."""
+    rows = []
+    for threads in args.large_threads:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--large-child", "--threads", str(threads),
+               "--batch-size", str(args.batch_size), "--large-size", str(args.large_size)] + (
+                   ["--quick"] if args.quick else [])
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        t = row["timings"]
+        log(f"  large, {threads} thread(s): fit {t['total']:.1f} s (stats {t['statistics']:.1f}, solve "
+            f"{t['solve']:.1f}, transform {t['transform']:.1f}, BN {t['reset_bn']:.1f}) vs bound "
+            f"{row['bound']:.1f} s; memory +{row['fit_extra_mib']:.0f} MiB for models of {row['model_mib']:.0f} MiB")
+        rows.append(row)
+    return rows
+
+
+def _large_runs(results: dict) -> list[dict]:
+    """The large model's runs (older results hold one run, at the part's thread count)."""
+    large = results.get("large") or []
+    if isinstance(large, dict):
+        threads = results.get("part_runs", {}).get("large", {}).get("config", {}).get("threads")
+        large = [{**large, "threads": large.get("threads", threads or results["config"].get("threads"))}]
+    return large
 
 
 # --------------------------------------------------------------------------
@@ -551,6 +572,7 @@ def measure_polar(args) -> list[dict]:
         row = {"d": d,
                "svd64": _timeit(lambda: torch.linalg.svd(m, full_matrices=False), 1, "cpu"),
                "svd32": _timeit(lambda: torch.linalg.svd(m.float(), full_matrices=False), 1, "cpu"),
+               "svd32_lapack": _timeit(lambda: linalg.svd(m.float()), 1, "cpu"),
                "eigh64": _timeit(lambda: torch.linalg.eigh(m.T @ m), 1, "cpu")}
         fitted = {}
         for solver in ("double", "single"):
@@ -562,6 +584,8 @@ def measure_polar(args) -> list[dict]:
         m32, lower = m.float(), torch.linalg.cholesky(stats.covariance_xx(dtype=torch.float32))
         row["gemm32"] = _timeit(lambda: m32 @ m32, 1, "cpu")
         row["trsm32"] = _timeit(lambda: torch.linalg.solve_triangular(lower, m32, upper=False), 1, "cpu")
+        row["trsm32_blas"] = _timeit(lambda: linalg.triangular_solve(lower, m32), 1, "cpu")
+        row["trmm32_blas"] = _timeit(lambda: linalg.triangular_multiply(lower, m32), 1, "cpu")
         row["cholesky32"] = _timeit(lambda: torch.linalg.cholesky(stats.covariance_xx(dtype=torch.float32)),
                                     1, "cpu")
         row["eigh32"] = _timeit(lambda: torch.linalg.eigh(m32.T @ m32), 1, "cpu")
@@ -671,35 +695,52 @@ def make_tables(results: dict) -> dict:
                      _ms(r["cca_fixed"]), _ms(r["eigh"]), _ms(r["svd"]), _ms(r["matmul"])])
     tables["solve"] = (["d", "Identity (ms)", "Permutation (ms)", "CCA auto (OAS) (ms)", "CCA r=0.1 (ms)",
                         "one eigh (ms)", "one SVD (ms)", "one matmul (ms)"], rows)
-    large = results.get("large")
-    if large:
-        t = large["timings"]
-        other = t["total"] - sum(t[k] for k in ("statistics", "solve", "transform", "reset_bn"))
-        tables["large"] = (["", "fit (s)", "its bound (s)", "fit / bound"], [
-            ["statistics vs forward passes", f"{t['statistics']:.1f}", f"{large['forward']:.1f}",
-             f"{t['statistics'] / large['forward']:.2f}"],
-            ["solve vs one float32 SVD per space and model", f"{t['solve']:.1f}", f"{large['svd']:.1f}",
-             f"{t['solve'] / large['svd']:.2f}"],
-            ["transform vs its float32 products", f"{t['transform']:.1f}", f"{large['transform_gemm']:.1f}",
-             f"{t['transform'] / large['transform_gemm']:.2f}"],
-            ["BatchNorm re-estimation vs one pass", f"{t['reset_bn']:.1f}", f"{large['bn_pass']:.1f}",
-             f"{t['reset_bn'] / large['bn_pass']:.2f}"],
-            ["other (finding the spaces, self-check)", f"{other:.1f}", "-", "-"],
-            ["total", f"{t['total']:.1f}", f"{large['bound']:.1f}", f"{large['ratio']:.2f}"],
+    runs = _large_runs(results)
+    if runs:
+        def ratio_cells(key, bound_of):
+            cells = []
+            for run in runs:
+                t = run["timings"]
+                value = t[key] if key != "other" else t["total"] - sum(
+                    t[k] for k in ("statistics", "solve", "transform", "reset_bn"))
+                bound = bound_of(run)
+                cells += [f"{value:.1f}", f"{bound:.1f}" if bound else "-", f"{value / bound:.2f}" if bound else "-"]
+            return cells
+
+        header = [""]
+        for run in runs:
+            n = run["threads"]
+            header += [f"fit, {n} thread{'s' if n != 1 else ''} (s)", "its bound (s)", "fit / bound"]
+        tables["large"] = (header, [
+            ["statistics vs forward passes", *ratio_cells("statistics", lambda r: r["forward"])],
+            ["solve vs one float32 SVD per space and model (the faster of SciPy's LAPACK and torch.linalg)",
+             *ratio_cells("solve", lambda r: r["svd"])],
+            ["solve vs one torch.linalg float32 SVD per space and model",
+             *ratio_cells("solve", lambda r: r.get("svd_torch"))],
+            ["transform vs its float32 products", *ratio_cells("transform", lambda r: r["transform_gemm"])],
+            ["BatchNorm re-estimation vs one pass", *ratio_cells("reset_bn", lambda r: r["bn_pass"])],
+            ["other (finding the spaces, self-check)", *ratio_cells("other", lambda r: None)],
+            ["total", *ratio_cells("total", lambda r: r["bound"])],
+            ["peak extra memory / (one model + statistics)",
+             *[cell for run in runs for cell in (
+                 f"{run['fit_extra_mib']:.0f} MiB", f"{run['model_mib'] + run['statistics_mib']:.0f} MiB",
+                 f"{(run['fit_extra_mib'] - run['statistics_mib']) / run['model_mib']:.2f} x model")]],
         ])
     def _cells(r, keys, fmt):
         return [fmt.format(r[k]) if k in r else "-" for k in keys]
 
-    rows = [[r["d"], *_cells(r, ("svd64", "svd32", "eigh64", "eigh32", "polar_eigh32", "gemm32", "trsm32",
-                                 "cca_double", "cca_single"), "{:.2f}"),
-             f"{r['cca_single'] / r['svd32']:.2f}",
+    rows = [[r["d"], *_cells(r, ("svd64", "svd32", "svd32_lapack", "eigh64", "eigh32", "polar_eigh32", "gemm32",
+                                 "trsm32", "trsm32_blas", "trmm32_blas", "cca_double", "cca_single"), "{:.2f}"),
+             f"{r['cca_single'] / _fastest_svd32(r):.2f}",
              *_cells(r, ("cca_single_error", "cca_single_error_conditioned", "polar_svd32_error_conditioned",
                          "polar_eigh32_error_conditioned"), "{:.1e}")]
             for r in results.get("polar", [])]
-    tables["polar"] = (["d", "SVD float64 (s)", "SVD float32 (s)", "eigh of M^T M float64 (s)",
+    tables["polar"] = (["d", "SVD float64 (s)", "SVD float32 (s)", "SVD float32, SciPy's LAPACK (s)",
+                        "eigh of M^T M float64 (s)",
                         "eigh of M^T M float32 (s)", "polar factor by eigh float32 (s)", "product float32 (s)",
-                        "triangular solve float32 (s)", "CCA solve float64 (s)", "CCA solve float32 (s)",
-                        "CCA float32 / SVD float32", "mapping difference, decaying spectrum (rel.)",
+                        "triangular solve float32 (s)", "triangular solve float32, BLAS trsm (s)",
+                        "triangular product float32, BLAS trmm (s)", "CCA solve float64 (s)",
+                        "CCA solve float32 (s)", "CCA float32 / fastest SVD float32", "mapping difference, decaying spectrum (rel.)",
                         "mapping difference, well-conditioned (rel.)", "polar factor error, SVD float32",
                         "polar factor error, eigh float32"], rows)
     reuse = results.get("reuse")
@@ -708,6 +749,10 @@ def make_tables(results: dict) -> dict:
             ["reused (one pass per fold)", f"{reuse['reused']:.1f}"],
             ["not reused (one pass per candidate and fold)", f"{reuse['not_reused']:.1f}"]])
     return tables
+
+
+def _fastest_svd32(row: dict) -> float:
+    return min(row["svd32"], row.get("svd32_lapack", float("inf")))
 
 
 def linear_fit(mem: list[dict]) -> dict | None:
@@ -806,14 +851,17 @@ def headline(results: dict) -> str:
                f"{mem[-1]['second_fit_extra_mib']:.0f} MiB above its start, against "
                f"{mem[-1]['fit_extra_mib']:.0f} MiB for the first)"
                if mem[-1].get("second_fit_extra_mib") is not None else "") + ".")
-    large = results.get("large")
-    if large:
+    for large in _large_runs(results):
         t = large["timings"]
+        n = large["threads"]
+        torch_svd = (f", {t['solve'] / large['svd_torch']:.2f}x torch.linalg's {large['svd_torch']:.1f} s"
+                     if large.get("svd_torch") else "")
         lines.append(
-            f"- **a large model:** two VGG11-BN in torchvision's layout "
+            f"- **a large model, {n} thread{'s' if n != 1 else ''}:** two VGG11-BN in torchvision's layout "
             f"({large['n_parameters'] / 1e6:.1f} M parameters, {large['model_mib']:.0f} MiB each in float32), "
             f"{large['n_samples']} images: fit {t['total']:.1f} s against a bound of {large['bound']:.1f} s "
-            f"({large['ratio']:.2f}x; solve {t['solve']:.1f} s against {large['svd']:.1f} s of float32 SVDs, "
+            f"({large['ratio']:.2f}x; solve {t['solve']:.1f} s against {large['svd']:.1f} s of float32 SVDs "
+            f"({t['solve'] / large['svd']:.2f}x{torch_svd}), "
             f"transform {t['transform']:.1f} s against {large['transform_gemm']:.1f} s of float32 products); "
             f"peak extra memory {large['fit_extra_mib']:.0f} MiB = "
             f"{(large['fit_extra_mib'] - large['statistics_mib']) / large['model_mib']:.2f} x one model + the "
@@ -821,17 +869,21 @@ def headline(results: dict) -> str:
     polar = results.get("polar", [])
     if polar:
         last = polar[-1]
+        fastest = _fastest_svd32(last)
         lines.append(
             f"- **wide spaces (d = {last['d']}):** the CCA solve takes {last['cca_single']:.1f} s in float32 "
-            f"({last['cca_single'] / last['svd32']:.2f}x one float32 SVD, {last['cca_double']:.1f} s in float64); "
+            f"({last['cca_single'] / fastest:.2f}x the fastest float32 SVD, {fastest:.1f} s"
+            + (f"; {last['cca_single'] / last['svd32']:.2f}x torch.linalg's, {last['svd32']:.1f} s"
+               if "svd32_lapack" in last else "")
+            + f"; {last['cca_double']:.1f} s in float64); "
             f"the float32 mapping differs from the float64 one by {last['cca_single_error']:.0e} (relative) on "
             f"a space whose weakest canonical directions carry almost no correlation" + (
                 f" and by {last['cca_single_error_conditioned']:.0e} on a well-conditioned one (canonical "
                 f"correlations 0.14 to 1). Beside its SVD the solve does about "
-                f"{(last['cca_single'] - last['svd32']) / last['gemm32']:.1f} float32 products' worth of "
+                f"{(last['cca_single'] - fastest) / last['gemm32']:.1f} float32 products' worth of "
                 f"Cholesky factorizations, triangular solves and products (the whitening, the polar factor "
                 f"and both maps); the polar factor through the eigendecomposition of M^T M takes "
-                f"{last['polar_eigh32']:.1f} s against {last['svd32']:.1f} s for the SVD, at "
+                f"{last['polar_eigh32']:.1f} s against {fastest:.1f} s for the SVD, at "
                 f"{last['polar_eigh32_error_conditioned']:.0e} error against "
                 f"{last['polar_svd32_error_conditioned']:.0e} on the well-conditioned space."
                 if "cca_single_error_conditioned" in last else "."))

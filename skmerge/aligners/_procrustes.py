@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from skmerge._linalg import svd
 from skmerge.aligners._base import BaseAligner
 from skmerge.aligners._cca import _solve_dtype
 from skmerge.stats import CrossCovariance
@@ -118,7 +119,7 @@ class ProcrustesAligner(BaseAligner):
         p, q = stats.n_features_x, stats.n_features_y
         s_xy = stats.covariance_xy()
         dtype = _solve_dtype(getattr(self, "solver", "auto"), p, q, 1.0, 1.0, s_xy.device)
-        u, s, vh = torch.linalg.svd(s_xy.to(dtype), full_matrices=False)
+        u, s, vh = svd(s_xy.to(dtype))
         # Same numerical-rank rule as CCAAligner (so regularization=1 agrees).
         tolerance = max(p, q) * torch.finfo(s.dtype).eps * (s.max() if s.numel() else 0.0)
         keep = s > tolerance
