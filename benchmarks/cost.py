@@ -551,15 +551,6 @@ def measure_large(args) -> list[dict]:
     return rows
 
 
-def _large_runs(results: dict) -> list[dict]:
-    """The large model's runs (older results hold one run, at the part's thread count)."""
-    large = results.get("large") or []
-    if isinstance(large, dict):
-        threads = results.get("part_runs", {}).get("large", {}).get("config", {}).get("threads")
-        large = [{**large, "threads": large.get("threads", threads or results["config"].get("threads"))}]
-    return large
-
-
 # --------------------------------------------------------------------------
 # 5. the polar factor of wide spaces
 
@@ -695,7 +686,7 @@ def make_tables(results: dict) -> dict:
                      _ms(r["cca_fixed"]), _ms(r["eigh"]), _ms(r["svd"]), _ms(r["matmul"])])
     tables["solve"] = (["d", "Identity (ms)", "Permutation (ms)", "CCA auto (OAS) (ms)", "CCA r=0.1 (ms)",
                         "one eigh (ms)", "one SVD (ms)", "one matmul (ms)"], rows)
-    runs = _large_runs(results)
+    runs = results.get("large", [])
     if runs:
         def ratio_cells(key, bound_of):
             cells = []
@@ -716,7 +707,7 @@ def make_tables(results: dict) -> dict:
             ["solve vs one float32 SVD per space and model (the faster of SciPy's LAPACK and torch.linalg)",
              *ratio_cells("solve", lambda r: r["svd"])],
             ["solve vs one torch.linalg float32 SVD per space and model",
-             *ratio_cells("solve", lambda r: r.get("svd_torch"))],
+             *ratio_cells("solve", lambda r: r["svd_torch"])],
             ["transform vs its float32 products", *ratio_cells("transform", lambda r: r["transform_gemm"])],
             ["BatchNorm re-estimation vs one pass", *ratio_cells("reset_bn", lambda r: r["bn_pass"])],
             ["other (finding the spaces, self-check)", *ratio_cells("other", lambda r: None)],
@@ -851,17 +842,16 @@ def headline(results: dict) -> str:
                f"{mem[-1]['second_fit_extra_mib']:.0f} MiB above its start, against "
                f"{mem[-1]['fit_extra_mib']:.0f} MiB for the first)"
                if mem[-1].get("second_fit_extra_mib") is not None else "") + ".")
-    for large in _large_runs(results):
+    for large in results.get("large", []):
         t = large["timings"]
         n = large["threads"]
-        torch_svd = (f", {t['solve'] / large['svd_torch']:.2f}x torch.linalg's {large['svd_torch']:.1f} s"
-                     if large.get("svd_torch") else "")
         lines.append(
             f"- **a large model, {n} thread{'s' if n != 1 else ''}:** two VGG11-BN in torchvision's layout "
             f"({large['n_parameters'] / 1e6:.1f} M parameters, {large['model_mib']:.0f} MiB each in float32), "
             f"{large['n_samples']} images: fit {t['total']:.1f} s against a bound of {large['bound']:.1f} s "
             f"({large['ratio']:.2f}x; solve {t['solve']:.1f} s against {large['svd']:.1f} s of float32 SVDs "
-            f"({t['solve'] / large['svd']:.2f}x{torch_svd}), "
+            f"({t['solve'] / large['svd']:.2f}x, {t['solve'] / large['svd_torch']:.2f}x torch.linalg's "
+            f"{large['svd_torch']:.1f} s), "
             f"transform {t['transform']:.1f} s against {large['transform_gemm']:.1f} s of float32 products); "
             f"peak extra memory {large['fit_extra_mib']:.0f} MiB = "
             f"{(large['fit_extra_mib'] - large['statistics_mib']) / large['model_mib']:.2f} x one model + the "

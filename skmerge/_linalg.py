@@ -2,11 +2,11 @@
 
 On CPUs, SciPy's LAPACK and BLAS (OpenBLAS in its wheels) compute the SVD,
 the triangular solves and the triangular products of the CCA solve in less
-time than ``torch.linalg`` (MKL in the CPU wheels): one thread, d = 2048,
-float32, the thin SVD takes 2.4 s instead of 3.4 s, a triangular solve 0.12 s
-instead of 0.24 s, and a product with a triangular matrix 0.09 s (``trmm``)
-instead of the full 0.21 s product torch has to use. Tensors on other devices,
-other dtypes and tensors that require gradients use ``torch.linalg``.
+time than ``torch.linalg`` (MKL in the CPU wheels); a product with a
+triangular matrix (``trmm``) also takes half the flops of the full product
+torch has to use. ``benchmarks/cost.py --parts polar`` times both backends
+(the polar table of the benchmarks page). Tensors on other devices, other
+dtypes and tensors that require gradients use ``torch.linalg``.
 
 SciPy's OpenBLAS has its own thread pool; it gets ``torch.get_num_threads()``
 threads during each call, so ``torch.set_num_threads`` keeps governing the
@@ -30,6 +30,10 @@ _SCIPY_DTYPES = (torch.float32, torch.float64)
 
 def _on_scipy(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _SCIPY_DTYPES and not t.requires_grad for t in tensors)
+
+
+def _on_blas(lower_factor: torch.Tensor, b: torch.Tensor) -> bool:
+    return b.numel() > 0 and lower_factor.dtype == b.dtype and _on_scipy(lower_factor, b)
 
 
 class _BlasThreads:
@@ -111,10 +115,10 @@ def _blas_call(name: str, lower_factor: torch.Tensor, b: torch.Tensor, left: boo
 def triangular_solve(lower_factor: torch.Tensor, b: torch.Tensor, *, left: bool = True,
                      transpose: bool = False) -> torch.Tensor:
     """``op(L)^-1 B`` (``left``) or ``B op(L)^-1``, with ``op(L) = L^T`` when ``transpose``; ``L`` lower triangular."""
-    if b.numel() == 0 or not _on_scipy(lower_factor, b) or lower_factor.dtype != b.dtype:
-        factor = lower_factor.mT if transpose else lower_factor
-        return torch.linalg.solve_triangular(factor, b, upper=transpose, left=left)
-    return _blas_call("trsm", lower_factor, b, left, transpose)
+    if _on_blas(lower_factor, b):
+        return _blas_call("trsm", lower_factor, b, left, transpose)
+    factor = lower_factor.mT if transpose else lower_factor
+    return torch.linalg.solve_triangular(factor, b, upper=transpose, left=left)
 
 
 def triangular_multiply(lower_factor: torch.Tensor, b: torch.Tensor, *, left: bool = True,
@@ -125,7 +129,7 @@ def triangular_multiply(lower_factor: torch.Tensor, b: torch.Tensor, *, left: bo
     triangle of ``L`` is read there, so ``L`` must be zero above its diagonal
     for the other devices' full product to agree.
     """
-    if b.numel() == 0 or not _on_scipy(lower_factor, b) or lower_factor.dtype != b.dtype:
-        factor = lower_factor.mT if transpose else lower_factor
-        return factor @ b if left else b @ factor
-    return _blas_call("trmm", lower_factor, b, left, transpose)
+    if _on_blas(lower_factor, b):
+        return _blas_call("trmm", lower_factor, b, left, transpose)
+    factor = lower_factor.mT if transpose else lower_factor
+    return factor @ b if left else b @ factor
