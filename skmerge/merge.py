@@ -23,6 +23,7 @@ from ._observe import BatchObserver, taps_by_key
 from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
 from ._model_checks import architecture_difference, check_model_tensors
 from ._prediction import MergedModelClassifierMixin
+from ._space_aligners import aligner_for, check_selectors_match, check_space_aligners
 from ._statistics_cache import combination_cache, data_key, statistics_cache
 from ._validation import check_device
 from .aligners import CCAAligner
@@ -67,6 +68,18 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     aligner : estimator, default=CCAAligner()
         Any skmerge aligner (an estimator with ``fit_from_stats``, ``mapping_``
         and ``inverse_mapping_``). It is cloned for every (space, model) pair.
+    space_aligners : list of (selector, aligner) pairs, optional
+        Other aligners for some spaces: a space is aligned with the aligner
+        of the first pair whose selector matches it, the others with
+        ``aligner``. A selector is a shell-style pattern on the space's name
+        (``"*mlp*"``; the names are those of ``spaces_`` and
+        :func:`~skmerge.graph.find_spaces`) or a callable taking the
+        :class:`~skmerge.graph.Space` and returning a bool. Every selector
+        must match at least one space (checked before the statistics pass).
+        Example: ``[("*mlp*", PermutationAligner())]`` keeps the hidden units
+        of a transformer's MLPs one-to-one while ``aligner`` maps the other
+        spaces densely (:ref:`merging-space-aligners`). :meth:`refit` can
+        change it without a pass.
     reference : int, default=0
         Index of the model whose feature bases the others are aligned to.
     weights : array-like of shape (n_models,), optional
@@ -186,6 +199,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self,
         models,
         aligner=CCAAligner(),
+        space_aligners=None,
         reference: int = 0,
         weights=None,
         combine="uniform",
@@ -200,6 +214,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     ):
         self.models = models
         self.aligner = aligner
+        self.space_aligners = space_aligners
         self.reference = reference
         self.weights = weights
         self.combine = combine
@@ -314,6 +329,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         if isinstance(batches, _Stream):
             batches.key = data_key(X)
         self.spaces_, runner = self._spaces(models[reference], example)
+        check_selectors_match(getattr(self, "space_aligners", None), self.spaces_)
         combination = self._start_combination(models, dtype, X, runner)
         self.aligners_ = self._fit_aligners(models, reference, batches, dtype, runner,
                                             combination and combination.stream)
@@ -367,6 +383,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             raise TypeError(
                 f"aligner must be a skmerge aligner with fit_from_stats, got {type(self.aligner).__name__}."
             )
+        check_space_aligners(getattr(self, "space_aligners", None))
         resolve_combine(getattr(self, "combine", "uniform"))
 
     def _start_combination(self, models, dtype, X, runner=None):
@@ -530,6 +547,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
             raise ValueError("repair=True needs data X: REPAIR measures activations.")
         self.timings_ = {"statistics": 0.0}
         dtype = _floating_dtype(models[reference])
+        check_selectors_match(getattr(self, "space_aligners", None), self.spaces_)
         self._refit_combination(models, X, dtype)
         self.aligners_ = self._resolve(len(models), reference)
         loader = as_loader(X, self.batch_size) if X is not None else None
@@ -642,12 +660,13 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         return aligners
 
     def _fit_space(self, space: Space, pair: CrossCovariance, order=None):
-        """Fit one clone of the aligner per block of the space (blocks matched by ``order``)."""
+        """Fit one clone of the space's aligner per block (blocks matched by ``order``)."""
         if not space.taps:
             warnings.warn(f"Space {space.name!r} is never observed; it keeps each model's basis.",
                           stacklevel=3)
             return None
-        aligner = self._small_sample_safe(clone(self.aligner), space, pair.n_samples_)
+        chosen = aligner_for(space, getattr(self, "space_aligners", None), self.aligner)
+        aligner = self._small_sample_safe(clone(chosen), space, pair.n_samples_)
         if space.orthogonal:
             aligner = orthogonal_aligner(aligner, space)
         if space.block_size == space.dim:

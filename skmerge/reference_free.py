@@ -44,8 +44,9 @@ from ._memory import available_bytes
 from ._validation import check_nonnegative_real, check_positive_int
 from .aligners import CCAAligner, PermutationAligner
 from .graph import Space
-from ._blocks import BlockAligner as _BlockAligner
+from ._blocks import BlockAligner as _BlockAligner, block_families, match_blocks
 from .merge import ModelMerger
+from ._space_aligners import aligner_for, check_space_aligners
 from .stats import CrossCovariance, _MultiViewAccumulator
 
 __all__ = ["ReferenceFreeMerger", "JointCovariance"]
@@ -306,12 +307,17 @@ def _mapping_of(aligner, device) -> torch.Tensor:
     return torch.as_tensor(aligner.mapping_, dtype=torch.float64).to(device)
 
 
-def _fitter(template, space: Space):
-    """A function fitting a clone of ``template`` (blockwise under GroupNorm) on a CrossCovariance."""
-    def fit(pair: CrossCovariance):
+def _fitter(template, space: Space, orders=None):
+    """A function ``fit(pair, k)`` fitting a clone of ``template`` for model ``k`` on a CrossCovariance.
+
+    Blockwise when the space has blocks (GroupNorm groups, attention heads);
+    ``orders[k]`` is the matching of model ``k``'s heads to the reference's
+    (None: blocks stay in place).
+    """
+    def fit(pair: CrossCovariance, k: int):
         aligner = clone(template)
         if space.block_size != space.dim:
-            aligner = _BlockAligner(aligner, space.block_size)
+            aligner = _BlockAligner(aligner, space.block_size, None if orders is None else orders[k])
         return aligner.fit_from_stats(pair)
     return fit
 
@@ -327,7 +333,7 @@ def _alternate(targets: _LeaveOneOutTargets, fit, max_iter: int, tol: float):
     for sweep in range(1, max_iter + 1):
         change = 0.0
         for k in range(len(targets.M)):
-            aligners[k] = fit(targets.target(k))
+            aligners[k] = fit(targets.target(k), k)
             new, old = _mapping_of(aligners[k], device), targets.M[k]
             size = float(torch.linalg.matrix_norm(old))
             change = max(change, float(torch.linalg.matrix_norm(new - old)) / size if size > 0
@@ -388,6 +394,10 @@ class ReferenceFreeMerger(ModelMerger):
         With :class:`~skmerge.PermutationAligner` every mapping is a
         permutation (applied by indexing). An aligner with
         ``regularization=0`` is refused (see Notes).
+    space_aligners : list of (selector, aligner) pairs, optional
+        Other aligners for the spaces a selector picks (a name pattern or a
+        callable taking the Space), as in :class:`~skmerge.ModelMerger`; the
+        same rules apply to them (``regularization=0`` refused).
     reference : int, default=0
         Only the starting point: the model whose basis the first, all-to-one
         alignment uses (the merged model also takes its integer buffers, such
@@ -528,6 +538,7 @@ class ReferenceFreeMerger(ModelMerger):
         self,
         models,
         aligner=CCAAligner(),
+        space_aligners=None,
         reference: int = 0,
         weights=None,
         combine="uniform",
@@ -544,7 +555,8 @@ class ReferenceFreeMerger(ModelMerger):
         init: str = "permutation",
     ):
         super().__init__(
-            models, aligner=aligner, reference=reference, weights=weights, combine=combine,
+            models, aligner=aligner, space_aligners=space_aligners, reference=reference,
+            weights=weights, combine=combine,
             reset_bn=reset_bn, repair=repair, batch_size=batch_size, device=device, spaces=spaces,
             self_check=self_check, precision=precision, verbose=verbose,
         )
@@ -574,8 +586,8 @@ class ReferenceFreeMerger(ModelMerger):
         check_nonnegative_real(self.tol, "tol")
         if self.init not in ("permutation", "reference"):
             raise ValueError(f"init must be 'permutation' or 'reference', got {self.init!r}.")
-        params = self.aligner.get_params(deep=False) if hasattr(self.aligner, "get_params") else {}
-        if params.get("regularization", None) == 0:
+        aligners = [self.aligner] + [a for _, a in check_space_aligners(self.space_aligners)]
+        if any(_unregularized(aligner) for aligner in aligners):
             raise ValueError(
                 "ReferenceFreeMerger needs a regularized aligner, got regularization=0: without "
                 "shrinkage, alternating CCA collapses onto the few directions that all models "
@@ -594,10 +606,12 @@ class ReferenceFreeMerger(ModelMerger):
         tick = time.perf_counter()
         weights = _target_weights(self.weights_)
         aligners, n_iter, converged = [], 0, True
+        orders = self._head_orders(n_models, reference)
         progress = tqdm(total=len(self.spaces_), desc="Barycenter",
                         disable=not self._show_progress(), leave=False)
         for space, stats in zip(self.spaces_, self.statistics_):
-            row, sweeps, done = self._solve_space(space, stats, reference, weights)
+            order = [orders.get((space.block_family, k)) for k in range(n_models)]
+            row, sweeps, done = self._solve_space(space, stats, reference, weights, order)
             aligners.append(row)
             n_iter, converged = max(n_iter, sweeps), converged and done
             progress.update()
@@ -606,19 +620,34 @@ class ReferenceFreeMerger(ModelMerger):
         self.timings_["solve"] = time.perf_counter() - tick
         return aligners
 
-    def _solve_space(self, space: Space, stats: JointCovariance, reference: int, weights):
+    def _head_orders(self, n_models: int, reference: int) -> dict:
+        """``{(family, k): order}``: model ``k``'s heads matched to the reference's, once per attention layer.
+
+        The targets live in the reference's basis, so the matching found
+        against the reference holds through every sweep.
+        """
+        orders = {}
+        for family, members in block_families(self.spaces_).items():
+            for k in range(n_models):
+                if k != reference:
+                    pairs = [self.statistics_[i].pair(k, reference) for i in members]
+                    orders[family, k] = match_blocks(pairs, self.spaces_[members[0]].block_size)
+        return orders
+
+    def _solve_space(self, space: Space, stats: JointCovariance, reference: int, weights, orders=None):
         """Alternating alignment of one space: ``(aligners, sweeps, converged)``."""
         n_models = stats.n_views
         if not space.taps:
             warnings.warn(f"Space {space.name!r} is never observed; it keeps each model's basis.",
                           stacklevel=4)
             return [None] * n_models, 0, True
-        fit = _fitter(self._small_sample_safe(clone(self.aligner), space, stats.n_samples_), space)
+        chosen = aligner_for(space, self.space_aligners, self.aligner)
+        fit = _fitter(self._small_sample_safe(clone(chosen), space, stats.n_samples_), space, orders)
         start = fit
-        if self.init == "permutation" and not isinstance(self.aligner, PermutationAligner):
-            start = _fitter(PermutationAligner(), space)
+        if self.init == "permutation" and not isinstance(chosen, PermutationAligner):
+            start = _fitter(PermutationAligner(), space, orders)
         device = stats.device
-        first = [None if k == reference else start(stats.pair(k, reference)) for k in range(n_models)]
+        first = [None if k == reference else start(stats.pair(k, reference), k) for k in range(n_models)]
         identity = torch.eye(space.dim, dtype=torch.float64, device=device)
         targets = _LeaveOneOutTargets(
             stats, [identity if a is None else _mapping_of(a, device) for a in first], weights)
@@ -633,3 +662,8 @@ class ReferenceFreeMerger(ModelMerger):
         _check_memory(len(models), [space.dim for space in spaces if space.taps], self.device_)
         return self._accumulate(models, reference, batches, spaces, dtype, runner,
                                 statistics_type=JointCovariance, stream=stream)
+
+
+def _unregularized(aligner) -> bool:
+    params = aligner.get_params(deep=False) if hasattr(aligner, "get_params") else {}
+    return params.get("regularization", None) == 0

@@ -170,6 +170,28 @@ def test_statistics_and_leave_one_out_targets_match_captured_activations():
 
 
 # --------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("architecture", ["GPT2Like", "TimmViT"])
+@pytest.mark.parametrize("aligner", [PermutationAligner(), CCAAligner()], ids=["permutation", "cca"])
+def test_transformers_with_permuted_heads_merge_into_the_model(architecture, aligner):
+    # permute_model moves whole heads too: the heads must be matched to the
+    # reference's before the blocks are aligned within
+    import _modern
+
+    cls = getattr(_modern, architecture)
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    inputs = cls.example_input(batch=192, seed=1, dtype=torch.float64)
+    copies = [model] + [permute_model(model, inputs[:2], seed=s)[0] for s in (2, 3)]
+    with torch.no_grad():
+        expected = model(inputs)
+    for reference in (0, 2):
+        merger = ReferenceFreeMerger(copies, clone(aligner), reference=reference, device="cpu").fit(inputs)
+        with torch.no_grad():
+            got = merger.merged_model_(inputs)
+        assert float((got - expected).abs().max() / expected.abs().max()) < 1e-9
+        assert merger.converged_
+
+
 @pytest.mark.parametrize("name", ["mlp", "norm", "resnet"])
 @pytest.mark.parametrize("aligner", [PermutationAligner(), CCAAligner()], ids=["permutation", "cca"])
 def test_permuted_copies_merge_into_the_model_for_every_reference(name, aligner):
