@@ -8,6 +8,8 @@ checkpoints, every pair of models and all of them together are merged with:
 * all-to-one :class:`~skmerge.ModelMerger` with the Identity, Permutation,
   CCA (default ``regularization=0.3``), Procrustes and optimal-transport
   aligners;
+* on the transformer families, CCA and Procrustes with the MLPs' hidden
+  units permuted (``space_aligners=[("*mlp*", PermutationAligner())]``);
 * the same merger with ``repair=True`` (REPAIR after the BatchNorm reset) for
   Permutation and CCA;
 * :class:`~skmerge.weight_matching.WeightMatchingMerger` (data-free weight
@@ -69,6 +71,8 @@ from skmerge.weight_matching import WeightMatchingMerger  # noqa: E402
 from skmerge.zipit import ZipItMerger  # noqa: E402
 
 N_ALIGN = 3000
+#: ``space_aligners`` of the "MLP hidden units permuted" methods (families with MLP blocks only).
+MLP_PERMUTED = [("*mlp*", PermutationAligner())]
 
 #: (key, label) in table order.
 METHODS = [
@@ -81,6 +85,8 @@ METHODS = [
     ("cca", "CCA"),
     ("cca_repair", "CCA + REPAIR"),
     ("procrustes", "Procrustes"),
+    ("cca_mlp_permuted", "CCA, MLP hidden units permuted"),
+    ("procrustes_mlp_permuted", "Procrustes, MLP hidden units permuted"),
     ("hierarchical_cca", "Hierarchical CCA"),
     ("reference_free_cca", "Reference-free CCA"),
     ("cca_learned", "CCA + learned coefficients"),
@@ -146,6 +152,9 @@ def merge(key: str, models: list, X, y, args, reference: int = 0):
                 "procrustes": ProcrustesAligner(), "ot": OptimalTransportAligner()}
     if key in aligners:
         return ModelMerger(models, aligners[key], **kwargs).fit(X).merged_model_
+    if key.endswith("_mlp_permuted"):  # transformers: the MLPs' hidden units one-to-one
+        return ModelMerger(models, aligners[key[:-len("_mlp_permuted")]], **kwargs,
+                           space_aligners=MLP_PERMUTED).fit(X).merged_model_
     if key.endswith("_repair"):
         return ModelMerger(models, aligners[key[:-len("_repair")]], repair=True, **kwargs).fit(X).merged_model_
     if key == "weight_matching":
