@@ -216,6 +216,7 @@ examples:
   skmerge merge runs/mlp_seed0.pt runs/mlp_seed1.pt --dataset digits --out merged.pt
   skmerge merge runs/*.pt --dataset digits --aligner permutation --out perm.pt
   skmerge merge runs/*.pt --dataset digits --reference-free --repair --out free.pt
+  skmerge merge runs/vit_*.pt --dataset fashion-mnist --space-aligner '*mlp*=permutation' --out vit.pt
   skmerge merge runs/*.pt --dataset digits --learn-coefficients 10 --out learned.pt
   skmerge merge a.pt b.pt --dataset cifar10 --data-root ~/data \\
       --regularization 0.1 --n-align 10000 --out merged.pt
@@ -364,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--regularization", type=_regularization, default=None, metavar="R",
                        help="CCA shrinkage in [0, 1], or 'auto' for Oracle Approximating "
                             "Shrinkage (default: CCAAligner's, 0.3)")
+    merge.add_argument("--space-aligner", type=_space_aligner, action="append", default=None,
+                       metavar="PATTERN=ALIGNER", dest="space_aligners",
+                       help="align the feature spaces whose name matches the shell pattern with "
+                            f"another aligner ({', '.join(ALIGNERS)}), e.g. '*mlp*=permutation'; "
+                            "repeatable, the first match wins (ModelMerger's space_aligners)")
     merge.add_argument("--reference", type=_int_at_least(0), default=0, metavar="K",
                        help="index of the checkpoint the others are aligned to (default: 0)")
     merge.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,...",
@@ -476,6 +482,16 @@ def _available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _space_aligner(text: str) -> tuple[str, str]:
+    pattern, sep, name = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=ALIGNER, e.g. '*mlp*=permutation', got {text!r}")
+    if name not in ALIGNERS:
+        raise argparse.ArgumentTypeError(f"unknown aligner {name!r} in {text!r}: choose one of "
+                                         f"{', '.join(ALIGNERS)}")
+    return pattern, name
 
 
 def _progress(args: argparse.Namespace) -> Callable[[str], None]:
@@ -829,8 +845,9 @@ def _merge(args: argparse.Namespace) -> int:
                        + ["REPAIR"] * args.repair + ["learned coefficients"] * learn)
     say(f"merging {n} models ({method}) on {len(x)} {args.dataset} training images")
     merger_type = ReferenceFreeMerger if args.reference_free else ModelMerger
+    space_aligners = [(pattern, make_aligner(name)) for pattern, name in args.space_aligners or ()]
     merger = merger_type(models, make_aligner(args.aligner, args.regularization),
-                         reference=args.reference, weights=args.weights, repair=args.repair,
+                         space_aligners=space_aligners or None, reference=args.reference, weights=args.weights, repair=args.repair,
                          batch_size=args.batch_size, device=device, verbose=not args.quiet)
     tick = time.perf_counter()
     merger.fit(x)
@@ -853,7 +870,8 @@ def _merge(args: argparse.Namespace) -> int:
 
     aligner_params = {k: v for k, v in merger.aligner.get_params(deep=False).items()}
     _save(merged, out, dataset=args.dataset, merged_from=[str(p) for p in args.checkpoints],
-          aligner=args.aligner, aligner_params=aligner_params, reference=args.reference,
+          aligner=args.aligner, aligner_params=aligner_params,
+          space_aligners=[list(pair) for pair in args.space_aligners or ()], reference=args.reference,
           reference_free=args.reference_free, repair=args.repair,
           weights=[float(w) for w in merger.weights_], n_align=len(x),
           learned_coefficients=coefficients, coefficient_epochs=args.learn_coefficients,

@@ -224,6 +224,28 @@ def test_merge_options(capsys, trained, tmp_path):
     assert meta["aligner_params"] == {"regularization": 0.1, "solver": "auto"}
 
 
+def test_merge_with_space_aligners(capsys, trained, tmp_path):
+    a, b = sorted(map(str, trained.glob("*.pt")))
+    code, _, _ = run(capsys, "merge", a, b, "--dataset", "digits", "--n-align", 300,
+                     "--space-aligner", "*=permutation", "--out", tmp_path / "mixed.pt", *FAST)
+    assert code == 0
+    code, _, _ = run(capsys, "merge", a, b, "--dataset", "digits", "--n-align", 300,
+                     "--aligner", "permutation", "--out", tmp_path / "perm.pt", *FAST)
+    assert code == 0
+    mixed = torch.load(tmp_path / "mixed.pt", weights_only=True)
+    plain = torch.load(tmp_path / "perm.pt", weights_only=True)
+    assert mixed["metadata"]["space_aligners"] == [["*", "permutation"]]
+    assert mixed["metadata"]["aligner"] == "cca"
+    assert all(torch.equal(v, plain["state_dict"][k]) for k, v in mixed["state_dict"].items())
+    code, _, err = run(capsys, "merge", a, b, "--dataset", "digits", "--space-aligner", "*conv*=permutation",
+                       "--out", tmp_path / "x.pt", *FAST)
+    assert code == 2 and "'*conv*' matches none of the" in err and "Traceback" not in err
+    assert not (tmp_path / "x.pt").exists()
+    code, _, err = run(capsys, "merge", a, b, "--dataset", "digits", "--space-aligner", "*=magic",
+                       "--out", tmp_path / "x.pt", *FAST)
+    assert code == 2 and "unknown aligner 'magic'" in err
+
+
 def test_bare_state_dicts_need_model(capsys, trained, tmp_path):
     bare = []
     for path in sorted(trained.glob("*.pt")):
