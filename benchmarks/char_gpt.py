@@ -122,7 +122,7 @@ def train(seeds, corpus: dict, force: bool, threads: int) -> None:
         record = train_char_gpt(model, corpus["train"], seed=seed, log_every=100, **RECIPE)
         bpc32 = bits_per_character(model, test_x, test_y)
         state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-        reloaded = load_checkpoint_state(state, len(corpus["vocab"]))
+        reloaded = model_from_state(state, len(corpus["vocab"]))
         bpc16 = bits_per_character(reloaded, test_x, test_y)
         if abs(bpc16 - bpc32) > FP16_TOLERANCE:
             raise RuntimeError(f"seed {seed}: float16 weights change the test score by {bpc16 - bpc32:+.4f}")
@@ -157,7 +157,7 @@ def record_in_manifest(seed, path, meta, record, corpus, threads, model) -> None
         write_json(MANIFEST, manifest)
 
 
-def load_checkpoint_state(state: dict, vocab_size: int) -> CharGPT:
+def model_from_state(state: dict, vocab_size: int) -> CharGPT:
     model = build(vocab_size)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
@@ -169,7 +169,7 @@ def load_models(vocab: str) -> list[CharGPT]:
         state, meta = load_checkpoint(checkpoint(seed))
         if meta.get("vocab") != vocab:
             raise ValueError(f"{checkpoint(seed)} was trained on another vocabulary: the corpus changed")
-        models.append(load_checkpoint_state(state, len(vocab)))
+        models.append(model_from_state(state, len(vocab)))
     return models
 
 
@@ -196,26 +196,31 @@ def merge_set(models, align, validation, test) -> dict:
             out[f"{name}_seconds"] = round(time.perf_counter() - tick, 1)
             if name != "averaging":
                 out.setdefault("aligned_alone", {})[name] = aligned_alone(merger, len(models), test)
-        scores = {}
-        for r in GRID:
-            merger.refit(align, aligner=CCAAligner(regularization=r))
-            scores[r] = bits_per_character(merger.merged_model_, *validation)
-        best = min(GRID, key=lambda r: (scores[r], abs(r - 0.3)))
-        merger.refit(align, aligner=CCAAligner(regularization=best))
+        best, scores = tune(merger, align, GRID, CCAAligner, validation, tie=lambda r: abs(r - 0.3))
         out["cca_tuned"] = bits_per_character(merger.merged_model_, *test)
         out["cca_tuned_regularization"] = best
         out["cca_validation"] = {str(r): s for r, s in scores.items()}
-        merger.refit(align, aligner=RidgeCCAAligner(GAMMAS[0]))
-        ridge = {GAMMAS[0]: bits_per_character(merger.merged_model_, *validation)}
-        for gamma in GAMMAS[1:]:
-            merger.refit(align, aligner=RidgeCCAAligner(gamma))
-            ridge[gamma] = bits_per_character(merger.merged_model_, *validation)
-        best = min(GAMMAS, key=lambda g: (ridge[g], abs(np.log10(g) + 1)))  # ties: nearest 0.1
-        merger.refit(align, aligner=RidgeCCAAligner(best))
+        best, ridge = tune(merger, align, GAMMAS, RidgeCCAAligner, validation,
+                           tie=lambda g: abs(np.log10(g) + 1))  # ties: nearest 0.1
         out["ridge_cca"] = bits_per_character(merger.merged_model_, *test)
         out["ridge_cca_gamma"] = best
         out["ridge_cca_validation"] = {f"{g:g}": v for g, v in ridge.items()}
     return out
+
+
+def tune(merger, align, candidates, make_aligner, validation, tie):
+    """Refit ``merger`` with ``make_aligner(c)`` for every candidate, keep the best on ``validation``.
+
+    Returns the best candidate (ties broken by ``tie(c)``) and every score;
+    the merger is left refitted with the best one.
+    """
+    scores = {}
+    for candidate in candidates:
+        merger.refit(align, aligner=make_aligner(candidate))
+        scores[candidate] = bits_per_character(merger.merged_model_, *validation)
+    best = min(candidates, key=lambda c: (scores[c], tie(c)))
+    merger.refit(align, aligner=make_aligner(best))
+    return best, scores
 
 
 def aligned_alone(merger, n_models: int, test) -> float:

@@ -22,7 +22,7 @@ from sklearn.base import clone
 
 from .stats import CrossCovariance
 
-__all__ = ["BlockAligner", "block_families", "match_blocks", "orthogonal_aligner"]
+__all__ = ["BlockAligner", "block_families", "match_blocks", "match_heads", "orthogonal_aligner"]
 
 
 def block_families(spaces) -> dict:
@@ -32,6 +32,23 @@ def block_families(spaces) -> dict:
         if space.block_family is not None and space.block_size < space.dim:
             families.setdefault(space.block_family, []).append(i)
     return families
+
+
+def match_heads(spaces, pair_with_reference, n_models: int, reference: int) -> dict:
+    """``{(family, k): order}``: model ``k``'s blocks matched to the reference's, once per family.
+
+    The heads of one attention layer move as wholes in all its spaces, so
+    they are matched on the pooled similarity of those spaces.
+    ``pair_with_reference(i, k)`` is the CrossCovariance of model ``k``
+    against the reference in space ``i``.
+    """
+    orders = {}
+    for family, members in block_families(spaces).items():
+        for k in range(n_models):
+            if k != reference:
+                pairs = [pair_with_reference(i, k) for i in members]
+                orders[family, k] = match_blocks(pairs, spaces[members[0]].block_size)
+    return orders
 
 
 def _correlation(pair: CrossCovariance) -> torch.Tensor:

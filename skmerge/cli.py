@@ -847,7 +847,8 @@ def _merge(args: argparse.Namespace) -> int:
     merger_type = ReferenceFreeMerger if args.reference_free else ModelMerger
     space_aligners = [(pattern, make_aligner(name)) for pattern, name in args.space_aligners or ()]
     merger = merger_type(models, make_aligner(args.aligner, args.regularization),
-                         space_aligners=space_aligners or None, reference=args.reference, weights=args.weights, repair=args.repair,
+                         space_aligners=space_aligners or None, reference=args.reference,
+                         weights=args.weights, repair=args.repair,
                          batch_size=args.batch_size, device=device, verbose=not args.quiet)
     tick = time.perf_counter()
     merger.fit(x)

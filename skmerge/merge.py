@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._blocks import BlockAligner, block_families, match_blocks, orthogonal_aligner
+from ._blocks import BlockAligner, match_heads, orthogonal_aligner
 from ._batches import as_loader, iter_inputs, loader_length as _length
 from ._observe import BatchObserver, taps_by_key
 from ._distributed import all_reduce_statistics, all_reduce_sum_, is_distributed
@@ -637,13 +637,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         return statistics, n_seen
 
     def _solve(self, spaces, statistics, n_models, reference):
-        # Heads of one attention layer are matched as wholes, once for all its spaces.
-        orders = {}
-        for family, members in block_families(spaces).items():
-            for k in range(n_models):
-                if k != reference:
-                    pairs = [statistics[i].pair(k) for i in members]
-                    orders[family, k] = match_blocks(pairs, spaces[members[0]].block_size)
+        orders = match_heads(spaces, lambda i, k: statistics[i].pair(k), n_models, reference)
         aligners = []
         progress = tqdm(total=len(spaces) * (n_models - 1), desc="Solving",
                         disable=not self._show_progress(), leave=False)

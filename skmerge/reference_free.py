@@ -44,7 +44,7 @@ from ._memory import available_bytes
 from ._validation import check_nonnegative_real, check_positive_int
 from .aligners import CCAAligner, PermutationAligner
 from .graph import Space
-from ._blocks import BlockAligner as _BlockAligner, block_families, match_blocks
+from ._blocks import BlockAligner as _BlockAligner, match_heads
 from .merge import ModelMerger
 from ._space_aligners import aligner_for, check_space_aligners
 from .stats import CrossCovariance, _MultiViewAccumulator
@@ -307,17 +307,17 @@ def _mapping_of(aligner, device) -> torch.Tensor:
     return torch.as_tensor(aligner.mapping_, dtype=torch.float64).to(device)
 
 
-def _fitter(template, space: Space, orders=None):
+def _fitter(template, space: Space, orders):
     """A function ``fit(pair, k)`` fitting a clone of ``template`` for model ``k`` on a CrossCovariance.
 
     Blockwise when the space has blocks (GroupNorm groups, attention heads);
     ``orders[k]`` is the matching of model ``k``'s heads to the reference's
-    (None: blocks stay in place).
+    (None: blocks stay in place, as GroupNorm groups and the reference's heads do).
     """
     def fit(pair: CrossCovariance, k: int):
         aligner = clone(template)
         if space.block_size != space.dim:
-            aligner = _BlockAligner(aligner, space.block_size, None if orders is None else orders[k])
+            aligner = _BlockAligner(aligner, space.block_size, orders[k])
         return aligner.fit_from_stats(pair)
     return fit
 
@@ -606,7 +606,10 @@ class ReferenceFreeMerger(ModelMerger):
         tick = time.perf_counter()
         weights = _target_weights(self.weights_)
         aligners, n_iter, converged = [], 0, True
-        orders = self._head_orders(n_models, reference)
+        # The targets live in the reference's basis: the heads matched against the
+        # reference hold through every sweep.
+        orders = match_heads(self.spaces_, lambda i, k: self.statistics_[i].pair(k, reference),
+                             n_models, reference)
         progress = tqdm(total=len(self.spaces_), desc="Barycenter",
                         disable=not self._show_progress(), leave=False)
         for space, stats in zip(self.spaces_, self.statistics_):
@@ -620,21 +623,7 @@ class ReferenceFreeMerger(ModelMerger):
         self.timings_["solve"] = time.perf_counter() - tick
         return aligners
 
-    def _head_orders(self, n_models: int, reference: int) -> dict:
-        """``{(family, k): order}``: model ``k``'s heads matched to the reference's, once per attention layer.
-
-        The targets live in the reference's basis, so the matching found
-        against the reference holds through every sweep.
-        """
-        orders = {}
-        for family, members in block_families(self.spaces_).items():
-            for k in range(n_models):
-                if k != reference:
-                    pairs = [self.statistics_[i].pair(k, reference) for i in members]
-                    orders[family, k] = match_blocks(pairs, self.spaces_[members[0]].block_size)
-        return orders
-
-    def _solve_space(self, space: Space, stats: JointCovariance, reference: int, weights, orders=None):
+    def _solve_space(self, space: Space, stats: JointCovariance, reference: int, weights, orders):
         """Alternating alignment of one space: ``(aligners, sweeps, converged)``."""
         n_models = stats.n_views
         if not space.taps:
