@@ -33,7 +33,7 @@ pooled together). Alignment data: 3,000 held-out training images; BatchNorm
 statistics re-estimated on them; test accuracy on the 10,000 test images.
 
 Writes ``benchmarks/results/converged.json`` and
-``docs/_generated/benchmarks/converged_{meta,tables,findings}.inc``. Run::
+``docs/_generated/benchmarks/converged_{meta,tables,findings,repair,placements}.inc``. Run::
 
     python benchmarks/converged.py                    # every family: ResNet20 x1 about 15 min per placement, VGG11 x1/4 1-3 min
     python benchmarks/converged.py --families resnet20-x1 --taps formed
@@ -311,6 +311,56 @@ def repair_table(results: dict) -> str:
     return rst_table(header, rows, stub_columns=1) if rows else "(no REPAIR results yet)\n"
 
 
+def placement_table(results: dict) -> str:
+    """Each placement against ``formed`` on the same sets, for permutation and CCA (r=0.3)."""
+    header = ["models", "merged", "permutation, ``formed``", "``consumers``", "``both``",
+              "CCA (r=0.3), ``formed``", "``consumers``", "``both``", "best for CCA",
+              "CCA (r=0.3) ``both`` / ridge CCA (best gamma), same sets", "CCA ``both`` >= ridge CCA"]
+    rows = []
+    for _, fam in _in_order(results):
+        for size in sorted({len(k.split("+")) for k in fam["sets"]}):
+            entries = [e for k, e in fam["sets"].items() if len(k.split("+")) == size and "formed" in e]
+            if not any(t in e for e in entries for t in TAPS[1:]):
+                continue
+            cells, cca = [], {"formed": float(np.mean([e["formed"]["cca_default"] for e in entries]))}
+            for method in ("permutation", "cca_default"):
+                cells.append(_pct([e["formed"][method] for e in entries]))
+                for t in TAPS[1:]:
+                    paired = [e for e in entries if t in e]
+                    if not paired:
+                        cells.append("-")
+                        continue
+                    delta = 100 * float(np.mean([e[t][method] - e["formed"][method] for e in paired]))
+                    cells.append(f"{delta:+.1f} ({len(paired)})")
+                    if method == "cca_default":
+                        cca[t] = cca["formed"] + delta / 100
+            with_ridge = [e for e in entries if "both" in e and "reference" in e]
+            ridge = (f"{100 * np.mean([e['both']['cca_default'] for e in with_ridge]):.1f} / "
+                     f"{100 * np.mean([e['reference']['ridge_cca'] for e in with_ridge]):.1f}"
+                     if with_ridge else "-")
+            beats = (f"{sum(e['both']['cca_default'] >= e['reference']['ridge_cca'] for e in with_ridge)} "
+                     f"of {len(with_ridge)}" if with_ridge else "-")
+            rows.append([fam["label"], f"{size} ({len(entries)} set{'s' if len(entries) > 1 else ''})",
+                         *cells, " = ".join(f"``{t}``" for t, v in cca.items() if v >= max(cca.values()) - 5e-4),
+                         ridge, beats])
+    note = ("Points against ``formed`` on the sets measured at both placements (their number in "
+            "parentheses); \"best for CCA\" compares ``formed``'s mean with ``formed`` plus each mean "
+            "difference; the last columns compare CCA (r=0.3) observed at ``both`` with the reference's "
+            "ridge CCA at its best gamma (observed where the reference code observes, ``formed``), set "
+            "by set.\n\n")
+    if not rows:
+        return "(no other placement measured yet)\n"
+    counts = []
+    for method in ("cca_default", "permutation"):
+        paired = [e for fam in results["families"].values() for e in fam["sets"].values()
+                  if "both" in e and "formed" in e]
+        wins = sum(e["both"][method] >= e["formed"][method] for e in paired)
+        counts.append(f"{METHODS[method]} {wins} of {len(paired)}")
+    summary = ("\n``both`` at least as good as ``formed``, set by set over every family: "
+               + "; ".join(counts) + ".\n")
+    return note + rst_table(header, rows, stub_columns=1) + summary
+
+
 METHODS = {"permutation": "permutation", "cca_default": "CCA (r=0.3)", "cca_tuned": "CCA (tuned r)"}
 
 
@@ -363,6 +413,7 @@ def write_tables(results: dict) -> None:
     write_text(GENERATED / "converged_tables.inc", table)
     write_text(GENERATED / "converged_findings.inc", findings(results))
     write_text(GENERATED / "converged_repair.inc", repair_table(results))
+    write_text(GENERATED / "converged_placements.inc", placement_table(results))
 
 
 def _keep_their_sets(_name: str, on_disk: dict | None, mine: dict) -> dict:

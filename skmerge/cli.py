@@ -201,6 +201,9 @@ examples:
   skmerge train --model vgg11 --dataset fashion-mnist --split disjoint --out runs/fm/
 """
 
+#: find_spaces' tap placements (skmerge.graph._walk.TAPS, repeated: the parser does not import torch)
+MERGE_TAPS = ("formed", "consumers", "both")
+
 _MERGE_DESCRIPTION = """\
 Merge two or more checkpoints of one architecture into one. The feature
 spaces of the architecture are found automatically; each model is aligned
@@ -217,6 +220,7 @@ examples:
   skmerge merge runs/*.pt --dataset digits --aligner permutation --out perm.pt
   skmerge merge runs/*.pt --dataset digits --reference-free --repair --out free.pt
   skmerge merge runs/vit_*.pt --dataset fashion-mnist --space-aligner '*mlp*=permutation' --out vit.pt
+  skmerge merge runs/vgg_*.pt --dataset fashion-mnist --taps both --out vgg.pt
   skmerge merge runs/*.pt --dataset digits --learn-coefficients 10 --out learned.pt
   skmerge merge a.pt b.pt --dataset cifar10 --data-root ~/data \\
       --regularization 0.1 --n-align 10000 --out merged.pt
@@ -370,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="align the feature spaces whose name matches the shell pattern with "
                             f"another aligner ({', '.join(ALIGNERS)}), e.g. '*mlp*=permutation'; "
                             "repeatable, the first match wins (ModelMerger's space_aligners)")
+    merge.add_argument("--taps", choices=MERGE_TAPS, default="formed",
+                       help="where the feature spaces are observed: where their features are formed, "
+                            "at the inputs of the layers that read them, or both (default: formed)")
     merge.add_argument("--reference", type=_int_at_least(0), default=0, metavar="K",
                        help="index of the checkpoint the others are aligned to (default: 0)")
     merge.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,...",
@@ -847,7 +854,7 @@ def _merge(args: argparse.Namespace) -> int:
     merger_type = ReferenceFreeMerger if args.reference_free else ModelMerger
     space_aligners = [(pattern, make_aligner(name)) for pattern, name in args.space_aligners or ()]
     merger = merger_type(models, make_aligner(args.aligner, args.regularization),
-                         space_aligners=space_aligners or None, reference=args.reference,
+                         space_aligners=space_aligners or None, taps=args.taps, reference=args.reference,
                          weights=args.weights, repair=args.repair,
                          batch_size=args.batch_size, device=device, verbose=not args.quiet)
     tick = time.perf_counter()
@@ -872,7 +879,8 @@ def _merge(args: argparse.Namespace) -> int:
     aligner_params = {k: v for k, v in merger.aligner.get_params(deep=False).items()}
     _save(merged, out, dataset=args.dataset, merged_from=[str(p) for p in args.checkpoints],
           aligner=args.aligner, aligner_params=aligner_params,
-          space_aligners=[list(pair) for pair in args.space_aligners or ()], reference=args.reference,
+          space_aligners=[list(pair) for pair in args.space_aligners or ()], taps=args.taps,
+          reference=args.reference,
           reference_free=args.reference_free, repair=args.repair,
           weights=[float(w) for w in merger.weights_], n_align=len(x),
           learned_coefficients=coefficients, coefficient_epochs=args.learn_coefficients,

@@ -33,6 +33,7 @@ from .graph import AveragingFallbackWarning, Space, apply_transforms
 from .graph._apply import normalize_transforms, slices_by_tensor, transform_tensor
 from .graph._export import meta_copy
 from .graph._find import analyze
+from .graph._walk import TAPS
 from .graph._permute import verify_spaces
 from .graph._runner import GraphRunner, model_tensors, runner_for
 from .repair import channel_maps_of, repair_
@@ -130,6 +131,14 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     spaces : list of skmerge.graph.Space, optional
         Feature spaces given by hand (for models that torch.export cannot
         capture); found automatically when None.
+    taps : {"formed", "consumers", "both"}, default="formed"
+        Where the spaces found automatically are observed
+        (:func:`~skmerge.graph.find_spaces`' ``taps``): where their features
+        are formed (after the nonlinearity, before any pooling, as in the
+        CCA Merge paper), at the inputs of the layers that read them (after
+        pooling and flattening), or both, pooled. The measured best differs
+        by model and aligner (:ref:`benchmarks-converged`); only used when
+        ``spaces`` is None.
     self_check : {"auto"} or bool, default="auto"
         Before merging, check that permuting every space at random (whole
         heads of an attention layer included) leaves the reference model's
@@ -208,6 +217,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         batch_size: int = 128,
         device="auto",
         spaces=None,
+        taps: str = "formed",
         self_check: bool | str = "auto",
         precision: str = "auto",
         verbose: bool = False,
@@ -223,6 +233,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.device = device
         self.spaces = spaces
+        self.taps = taps
         self.self_check = self_check
         self.precision = precision
         self.verbose = verbose
@@ -494,7 +505,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         return aligners
 
     #: parameters that :meth:`refit` cannot change (the statistics depend on them)
-    _refit_frozen = frozenset({"models", "reference", "spaces", "precision", "device", "batch_size"})
+    _refit_frozen = frozenset({"models", "reference", "spaces", "taps", "precision", "device", "batch_size"})
 
     def refit(self, X=None, **params):
         """Solve the statistics of the last ``fit`` again with other parameters, without a pass.
@@ -560,11 +571,17 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
 
     def _spaces(self, reference_model: nn.Module, example: torch.Tensor | None):
         """The spaces (given or found on the reference) and the runner that observes them."""
+        taps = getattr(self, "taps", "formed")  # absent in mergers pickled before it existed
+        if taps not in TAPS:
+            raise ValueError(f"taps must be one of {', '.join(map(repr, TAPS))}, got {taps!r}.")
         if self.spaces is not None:
+            if taps != "formed":
+                raise ValueError(f"taps={taps!r} places the taps of the spaces found automatically; "
+                                 "spaces given by hand carry their own taps. Pass one or the other.")
             spaces = list(self.spaces)
             runner = runner_for(reference_model, example, spaces) if example is not None else None
         else:
-            traced, spaces = analyze(reference_model, example)
+            traced, spaces = analyze(reference_model, example, taps)
             runner = GraphRunner(traced, [t.node for s in spaces for t in s.taps], reference_model)
             if not spaces:
                 warnings.warn(f"{type(reference_model).__name__} has no feature space to align: the merge "

@@ -420,6 +420,9 @@ class ReferenceFreeMerger(ModelMerger):
         Where the forward passes, statistics and linear algebra run.
     spaces : list of skmerge.graph.Space, optional
         Feature spaces given by hand; found automatically when None.
+    taps : {"formed", "consumers", "both"}, default="formed"
+        Where the spaces found automatically are observed (see
+        :class:`~skmerge.ModelMerger`).
     self_check : {"auto"} or bool, default="auto"
         Before merging, check that permuting every space at random (whole
         heads of an attention layer included) leaves the reference model's
@@ -547,6 +550,7 @@ class ReferenceFreeMerger(ModelMerger):
         batch_size: int = 128,
         device="auto",
         spaces=None,
+        taps: str = "formed",
         self_check: bool | str = "auto",
         precision: str = "auto",
         verbose: bool = False,
@@ -558,7 +562,7 @@ class ReferenceFreeMerger(ModelMerger):
             models, aligner=aligner, space_aligners=space_aligners, reference=reference,
             weights=weights, combine=combine,
             reset_bn=reset_bn, repair=repair, batch_size=batch_size, device=device, spaces=spaces,
-            self_check=self_check, precision=precision, verbose=verbose,
+            taps=taps, self_check=self_check, precision=precision, verbose=verbose,
         )
         self.max_iter = max_iter
         self.tol = tol

@@ -122,6 +122,9 @@ class ZipItMerger(ModelMerger):
         Where the forward passes, statistics and matching run.
     spaces : list of skmerge.graph.Space, optional
         Feature spaces given by hand; found automatically when None.
+    taps : {"formed", "consumers", "both"}, default="formed"
+        Where the spaces found automatically are observed (see
+        :class:`~skmerge.ModelMerger`).
     self_check : {"auto"} or bool, default="auto"
         Check the spaces by random permutations first (see
         :class:`~skmerge.ModelMerger`).
@@ -223,6 +226,7 @@ class ZipItMerger(ModelMerger):
         batch_size: int = 128,
         device="auto",
         spaces=None,
+        taps: str = "formed",
         self_check: bool | str = "auto",
         precision: str = "auto",
         verbose: bool = False,
@@ -237,6 +241,7 @@ class ZipItMerger(ModelMerger):
         self.batch_size = batch_size
         self.device = device
         self.spaces = spaces
+        self.taps = taps
         self.self_check = self_check
         self.precision = precision
         self.verbose = verbose

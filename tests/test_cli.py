@@ -224,6 +224,30 @@ def test_merge_options(capsys, trained, tmp_path):
     assert meta["aligner_params"] == {"regularization": 0.1, "solver": "auto"}
 
 
+def test_merge_taps_are_passed_to_the_merger_and_recorded(capsys, trained, tmp_path, monkeypatch):
+    from skmerge import ModelMerger
+    from skmerge.cli import MERGE_TAPS
+    from skmerge.graph._walk import TAPS
+
+    assert MERGE_TAPS == TAPS
+    seen, find = [], ModelMerger._spaces
+
+    def spy(self, *args):
+        seen.append(self.taps)
+        return find(self, *args)
+
+    monkeypatch.setattr(ModelMerger, "_spaces", spy)
+    a, b = sorted(map(str, trained.glob("*.pt")))
+    code, _, _ = run(capsys, "merge", a, b, "--dataset", "digits", "--n-align", 300, "--taps", "consumers",
+                     "--out", tmp_path / "consumers.pt", *FAST)
+    assert code == 0
+    assert torch.load(tmp_path / "consumers.pt", weights_only=True)["metadata"]["taps"] == "consumers"
+    assert seen == ["consumers"]
+    code, _, err = run(capsys, "merge", a, b, "--dataset", "digits", "--taps", "inputs",
+                       "--out", tmp_path / "x.pt", *FAST)
+    assert code == 2 and "invalid choice: 'inputs'" in err and not (tmp_path / "x.pt").exists()
+
+
 def test_merge_with_space_aligners(capsys, trained, tmp_path):
     a, b = sorted(map(str, trained.glob("*.pt")))
     code, _, _ = run(capsys, "merge", a, b, "--dataset", "digits", "--n-align", 300,

@@ -420,7 +420,7 @@ def test_taps_observe_the_formed_features_and_the_consumer_inputs_on_request():
     with torch.no_grad():
         feats = model.features(x)  # (4, 8, 2, 2) after the last pool: the head's input
     assert np.allclose(pooled, feats.permute(0, 2, 3, 1).reshape(-1, 8).numpy())
-    with pytest.raises(ValueError, match="tap placement"):
+    with pytest.raises(ValueError, match="taps must be one of 'formed', 'consumers', 'both'"):
         find_spaces(model, x, taps="inputs")
 
 

@@ -330,6 +330,53 @@ def test_taps_reading_the_same_tensor_count_each_sample_once():
     torch.testing.assert_close(stats.cross_covariance(1), torch.cov(torch.cat(hidden, 1).T)[8:, :8])
 
 
+@pytest.mark.parametrize("taps", ["consumers", "both"])
+def test_taps_place_the_observations_of_the_spaces_found_automatically(taps):
+    """ModelMerger(taps=t) is the merge of find_spaces(taps=t)'s spaces, and differs from "formed"."""
+    models = [_archs.make_model("vgg", seed) for seed in range(2)]
+    inputs = _archs.inputs("vgg", 64)
+    placed = ModelMerger(models, CCAAligner(), device="cpu", taps=taps).fit(inputs)
+    by_hand = ModelMerger(models, CCAAligner(), device="cpu",
+                          spaces=find_spaces(models[0], inputs[:2], taps=taps)).fit(inputs)
+    formed = ModelMerger(models, CCAAligner(), device="cpu").fit(inputs)
+    assert [s.taps for s in placed.spaces_] == [s.taps for s in by_hand.spaces_]
+    for (key, a), b in zip(placed.merged_model_.state_dict().items(), by_hand.merged_model_.state_dict().values()):
+        assert torch.equal(a, b), key
+    # the conv blocks' ReLUs are max-pooled before the next layer reads them: other samples
+    consumers = ModelMerger(models, CCAAligner(), device="cpu", taps="consumers").fit(inputs)
+    counts = {name: [s.n_samples_ for s in merger.statistics_]
+              for name, merger in (("formed", formed), ("consumers", consumers), ("mine", placed))}
+    assert counts["formed"] == [64 * 8 * 8, 64 * 4 * 4, 64 * 2 * 2, 64]
+    assert counts["consumers"] == [64 * 4 * 4, 64 * 2 * 2, 64 * 2 * 2, 64]  # the head reads a flatten
+    if taps == "both":  # the two pooled
+        assert counts["mine"] == [64 * 8 * 8 + 64 * 4 * 4, 64 * 4 * 4 + 64 * 2 * 2, 2 * 64 * 2 * 2, 64]
+    assert not torch.allclose(placed.aligners_[0][1].mapping_, formed.aligners_[0][1].mapping_)
+
+
+@pytest.mark.parametrize("taps", ["consumers", "both"])
+def test_every_tap_placement_merges_a_permuted_copy_exactly(taps):
+    model = _archs.make_model("vgg", 0)
+    inputs = _archs.inputs("vgg", 64)
+    permuted = permute_model(model, inputs[:2], seed=3)[0]
+    merger = ModelMerger([model, permuted], PermutationAligner(), device="cpu", taps=taps,
+                         reset_bn=False).fit(inputs)
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs))
+
+
+def test_taps_are_validated_and_need_a_fit():
+    models = [_archs.make_model("mlp", seed) for seed in range(2)]
+    inputs = _archs.inputs("mlp", 64)
+    with pytest.raises(ValueError, match="taps must be one of 'formed', 'consumers', 'both', got 'inputs'"):
+        ModelMerger(models, device="cpu", taps="inputs").fit(inputs)
+    spaces = find_spaces(models[0], inputs[:2])
+    with pytest.raises(ValueError, match="spaces given by hand carry their own taps"):
+        ModelMerger(models, device="cpu", spaces=spaces, taps="both").fit(inputs)
+    merger = ModelMerger(models, device="cpu").fit(inputs)
+    with pytest.raises(ValueError, match=r"refit cannot change \['taps'\]"):
+        merger.refit(inputs, taps="both")
+    assert clone(ModelMerger(models, taps="both")).get_params()["taps"] == "both"
+
+
 def test_precision_follows_the_models_and_single_matches_double():
     models = [_archs.make_model("mlp", seed) for seed in range(3)]
     inputs = _archs.inputs("mlp", 300)

@@ -13,7 +13,7 @@ from ._collect import collect
 from ._export import Traced, as_args, trace
 from ._runner import GraphRunner, check_graph
 from ._spaces import _HAND_HINT, Space, UnsupportedOperationError
-from ._walk import Walker
+from ._walk import TAPS, Walker
 
 __all__ = ["find_spaces", "analyze", "architecture_key"]
 
@@ -43,6 +43,8 @@ def architecture_key(model: nn.Module, example_args: tuple, taps: str = "formed"
 def analyze(model: nn.Module, example_input, taps: str = "formed", cache: bool = True
             ) -> tuple[Traced, list[Space]]:
     """Trace ``model`` and find its spaces; the traced graph is kept to observe the taps."""
+    if taps not in TAPS:  # before the export, which is the slow part
+        raise ValueError(f"taps must be one of {', '.join(map(repr, TAPS))}, got {taps!r}.")
     args = as_args(example_input)
     key = architecture_key(model, args, taps) if cache else None
     with _LOCK:
@@ -109,8 +111,9 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         read the space (after pooling and flattening), or where it is formed
         when no layer reads it as its input (attention's query-key spaces).
         ``"both"``: all of them,
-        pooled. The default is the measured best (see the benchmarks page);
-        the others are for studies.
+        pooled. The default is the paper's placement; which one merges best
+        depends on the model and the aligner (measured on the benchmarks
+        page). ``ModelMerger(taps=...)`` passes it on.
 
     Returns
     -------
@@ -124,7 +127,8 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         has no rule (the message names the graph node, its ATen op and module
         path). Describe the spaces by hand in that case.
     ValueError
-        If the model cannot run on ``example_input``.
+        If the model cannot run on ``example_input``, or ``taps`` is not one
+        of the three placements.
 
     Warns
     -----

@@ -39,7 +39,10 @@ from ._unionfind import ParityUnionFind
 from .rules import lookup
 from .rules._registry import is_chain
 
-__all__ = ["Walker"]
+__all__ = ["TAPS", "Walker"]
+
+#: Where a space can be observed (``find_spaces(taps=...)``).
+TAPS = ("formed", "consumers", "both")
 
 #: parameters used directly with more entries than this are refused (labels cost memory)
 _MAX_DIRECT_PARAM = 20_000_000
@@ -491,9 +494,8 @@ class Walker:
 
     # ---------------------------------------------------------------- taps
     def place_taps(self) -> None:
-        if self.tap_placement not in ("formed", "consumers", "both"):
-            raise ValueError(f"tap placement must be 'formed', 'consumers' or 'both', "
-                             f"got {self.tap_placement!r}")
+        if self.tap_placement not in TAPS:
+            raise ValueError(f"taps must be one of {', '.join(map(repr, TAPS))}, got {self.tap_placement!r}.")
         # where features are formed: the taps of "formed" and "both", the fallback of "consumers"
         formed, starts = [], []
         for node in self.formers:  # a layer with several outputs: start at each of them
