@@ -38,6 +38,7 @@ Writes ``benchmarks/results/converged.json`` and
     python benchmarks/converged.py                    # every family: ResNet20 x1 about 15 min per placement, VGG11 x1/4 1-3 min
     python benchmarks/converged.py --families resnet20-x1 --taps formed
     python benchmarks/converged.py --parts reference  # only the ridge CCA column, other results kept
+    python benchmarks/converged.py --parts reference-both --missing  # the ridge CCA observed at taps=both
     python benchmarks/converged.py --parts repair --missing  # only the REPAIR columns
     python benchmarks/converged.py --families resnet20-x2 --missing --sets 1+2,0+3  # some sets; runs
                                                       # of one family with other --sets may share the machine
@@ -71,7 +72,7 @@ TAPS = ("formed", "consumers", "both")
 #: Regularization grid of the tuned CCA (chosen on the validation images).
 GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 N_ALIGN = 3000
-PARTS = ("main", "reference", "repair")
+PARTS = ("main", "reference", "reference-both", "repair")
 
 
 def parse_args(argv=None):
@@ -81,7 +82,8 @@ def parse_args(argv=None):
     parser.add_argument("--taps", default=",".join(TAPS), help=f"comma-separated, from {', '.join(TAPS)}")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="comma-separated, from main (every aligner and placement), reference (the "
-                             "ridge CCA of the reference code, default placement) and repair (REPAIR after "
+                             "ridge CCA of the reference code, default placement), reference-both (the same "
+                             "observed at taps=both) and repair (REPAIR after "
                              "permutation and CCA, default placement, families without BatchNorm); results "
                              "of parts not run are kept")
     parser.add_argument("--missing", action="store_true",
@@ -206,6 +208,13 @@ def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool
             entry["reference"]["seconds"] = round(time.perf_counter() - tick, 1)
             print(f"{family} {key} ridge CCA: {100 * entry['reference']['ridge_cca']:.2f} (gamma="
                   f"{entry['reference']['ridge_cca_gamma']:g}; {entry['reference']['seconds']} s)", flush=True)
+        if "reference-both" in parts and not (missing and "reference_both" in entry):
+            tick = time.perf_counter()
+            entry["reference_both"] = reference_set(group, spaces_at("both"), align, validation, test)
+            entry["reference_both"]["seconds"] = round(time.perf_counter() - tick, 1)
+            print(f"{family} {key} ridge CCA, taps=both: {100 * entry['reference_both']['ridge_cca']:.2f} "
+                  f"(gamma={entry['reference_both']['ridge_cca_gamma']:g}; "
+                  f"{entry['reference_both']['seconds']} s)", flush=True)
         if "repair" in parts and not has_batchnorm(group[0]) and not (missing and "repair" in entry):
             tick = time.perf_counter()
             entry["repair"] = repair_set(group, spaces_at("formed"), align, test)
@@ -315,7 +324,8 @@ def placement_table(results: dict) -> str:
     """Each placement against ``formed`` on the same sets, for permutation and CCA (r=0.3)."""
     header = ["models", "merged", "permutation, ``formed``", "``consumers``", "``both``",
               "CCA (r=0.3), ``formed``", "``consumers``", "``both``", "best for CCA",
-              "CCA (r=0.3) ``both`` / ridge CCA (best gamma), same sets", "CCA ``both`` >= ridge CCA"]
+              "CCA (r=0.3) ``both`` / ridge CCA (best gamma), same sets", "CCA ``both`` >= ridge CCA",
+              "ridge CCA observed at ``both``, same sets"]
     rows = []
     for _, fam in _in_order(results):
         for size in sorted({len(k.split("+")) for k in fam["sets"]}):
@@ -340,14 +350,18 @@ def placement_table(results: dict) -> str:
                      if with_ridge else "-")
             beats = (f"{sum(e['both']['cca_default'] >= e['reference']['ridge_cca'] for e in with_ridge)} "
                      f"of {len(with_ridge)}" if with_ridge else "-")
+            at_both = [e for e in with_ridge if "reference_both" in e]
+            wins = sum(e["both"]["cca_default"] >= e["reference_both"]["ridge_cca"] for e in at_both)
+            ridge_both = (f"{100 * np.mean([e['reference_both']['ridge_cca'] for e in at_both]):.1f} "
+                          f"(CCA at least as good in {wins} of {len(at_both)})" if at_both else "-")
             rows.append([fam["label"], f"{size} ({len(entries)} set{'s' if len(entries) > 1 else ''})",
                          *cells, " = ".join(f"``{t}``" for t, v in cca.items() if v >= max(cca.values()) - 5e-4),
-                         ridge, beats])
+                         ridge, beats, ridge_both])
     note = ("Points against ``formed`` on the sets measured at both placements (their number in "
             "parentheses); \"best for CCA\" compares ``formed``'s mean with ``formed`` plus each mean "
             "difference; the last columns compare CCA (r=0.3) observed at ``both`` with the reference's "
             "ridge CCA at its best gamma (observed where the reference code observes, ``formed``), set "
-            "by set.\n\n")
+            "by set, and with the ridge CCA observed at ``both`` too (``--parts reference-both``).\n\n")
     if not rows:
         return "(no other placement measured yet)\n"
     counts = []

@@ -405,15 +405,18 @@ def test_tap_extract_reads_blocks_and_offsets():
 
 
 def test_taps_observe_the_formed_features_and_the_consumer_inputs_on_request():
-    """"formed" (the default) taps the ReLU output; "consumers" the pooled, flattened head input."""
+    """"formed" (the default) taps the ReLU output; "consumers" the flattened head input."""
     model, x = _make("vgg"), _x("vgg")
     formed = find_spaces(model, x)[2]
     consumers = find_spaces(model, x, taps="consumers")[2]
-    both = find_spaces(model, x, taps="both")[2]
+    both = find_spaces(model, x, taps="both")
     assert [t.module for t in formed.taps] == ["features.10"]
     (head,) = consumers.taps
     assert head.axes == (1,) and tuple(head.index.shape) == (8, 4)  # flatten of (8, 2, 2)
-    assert len(both.taps) == 2
+    # "both": the first ReLU and the max pool after it; the head's flatten of the last ReLU holds
+    # the same samples as the ReLU, which is observed once
+    assert [t.module for t in both[0].taps] == ["features.2", "features.3"]
+    assert both[2].taps == formed.taps
     relu = _archs.tap_samples(model, formed, x)
     assert relu.shape == (4 * 2 * 2, 8)  # every position, before the max pool
     pooled = _archs.tap_samples(model, consumers, x)

@@ -111,7 +111,8 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         read the space (after pooling and flattening), or where it is formed
         when no layer reads it as its input (attention's query-key spaces).
         ``"both"``: all of them,
-        pooled. The default is the paper's placement; which one merges best
+        pooled, each sample once (a layer input that only rearranges a
+        formed tensor, such as a flatten, adds none). The default is the paper's placement; which one merges best
         depends on the model and the aligner (measured on the benchmarks
         page). ``ModelMerger(taps=...)`` passes it on.
 

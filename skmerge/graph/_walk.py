@@ -26,6 +26,7 @@ constraints through the walker:
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from ._spaces import _HAND_HINT, UnsupportedOperationError
 from ._unionfind import ParityUnionFind
 from .rules import lookup
 from .rules._registry import is_chain
+from .rules.shape import REARRANGEMENTS
 
 __all__ = ["TAPS", "Walker"]
 
@@ -493,6 +495,16 @@ class Walker:
         return conv(shape)
 
     # ---------------------------------------------------------------- taps
+    def _rearranged_from(self, node: Node) -> Node:
+        """The first tensor up ``node``'s chain of pure rearrangements (``node`` itself if none)."""
+        while (getattr(node.target, "overloadpacket", None) in REARRANGEMENTS and node.args
+               and isinstance(node.args[0], Node)):
+            shape, source = self.t.shapes.get(node), self.t.shapes.get(node.args[0])
+            if shape is None or source is None or math.prod(shape) != math.prod(source):
+                break
+            node = node.args[0]
+        return node
+
     def place_taps(self) -> None:
         if self.tap_placement not in TAPS:
             raise ValueError(f"taps must be one of {', '.join(map(repr, TAPS))}, got {self.tap_placement!r}.")
@@ -517,8 +529,10 @@ class Walker:
         # (node, fallback): with "consumers", a space that no layer reads as its input (the
         # query-key space of attention) is observed where it is formed instead
         nodes = [(n, False) for n in formed] if self.tap_placement in ("formed", "both") else []
-        if self.tap_placement in ("consumers", "both"):
+        if self.tap_placement == "consumers":
             nodes.extend((n, False) for n in self.consumer_inputs)
+        elif self.tap_placement == "both":  # a consumer reading a formed tensor rearranged adds no sample
+            nodes.extend((n, False) for n in self.consumer_inputs if self._rearranged_from(n) not in formed)
         if self.tap_placement == "consumers":
             nodes.extend((n, True) for n in formed)
         seen = set()

@@ -82,6 +82,13 @@ def apply_to_labels(w, node):
         w.fail(f"could not follow the channels through it ({type(exc).__name__}: {exc})")
 
 
+#: Ops that only rearrange the values of their input (no value dropped, repeated or combined): a
+#: tensor read through them holds the samples of its source (the walker does not observe them twice).
+REARRANGEMENTS = set(ops("view", "reshape", "_unsafe_view", "permute", "transpose", "t", "numpy_T",
+                         "unsqueeze", "squeeze", "flatten", "unflatten", "movedim", "alias", "detach",
+                         "contiguous", "clone"))
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape or ():
