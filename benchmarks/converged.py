@@ -357,19 +357,17 @@ def placement_table(results: dict) -> str:
             rows.append([fam["label"], f"{size} ({len(entries)} set{'s' if len(entries) > 1 else ''})",
                          *cells, " = ".join(f"``{t}``" for t, v in cca.items() if v >= max(cca.values()) - 5e-4),
                          ridge, beats, ridge_both])
+    if not rows:
+        return "(no other placement measured yet)\n"
     note = ("Points against ``formed`` on the sets measured at both placements (their number in "
             "parentheses); \"best for CCA\" compares ``formed``'s mean with ``formed`` plus each mean "
             "difference; the last columns compare CCA (r=0.3) observed at ``both`` with the reference's "
             "ridge CCA at its best gamma (observed where the reference code observes, ``formed``), set "
             "by set, and with the ridge CCA observed at ``both`` too (``--parts reference-both``).\n\n")
-    if not rows:
-        return "(no other placement measured yet)\n"
-    counts = []
-    for method in ("cca_default", "permutation"):
-        paired = [e for fam in results["families"].values() for e in fam["sets"].values()
-                  if "both" in e and "formed" in e]
-        wins = sum(e["both"][method] >= e["formed"][method] for e in paired)
-        counts.append(f"{METHODS[method]} {wins} of {len(paired)}")
+    paired = [e for fam in results["families"].values() for e in fam["sets"].values()
+              if "both" in e and "formed" in e]
+    counts = [f"{METHODS[m]} {sum(e['both'][m] >= e['formed'][m] for e in paired)} of {len(paired)}"
+              for m in ("cca_default", "permutation")]
     summary = ("\n``both`` at least as good as ``formed``, set by set over every family: "
                + "; ".join(counts) + ".\n")
     return note + rst_table(header, rows, stub_columns=1) + summary

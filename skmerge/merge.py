@@ -33,7 +33,7 @@ from .graph import AveragingFallbackWarning, Space, apply_transforms
 from .graph._apply import normalize_transforms, slices_by_tensor, transform_tensor
 from .graph._export import meta_copy
 from .graph._find import analyze
-from .graph._walk import TAPS
+from .graph._walk import check_taps
 from .graph._permute import verify_spaces
 from .graph._runner import GraphRunner, model_tensors, runner_for
 from .repair import channel_maps_of, repair_
@@ -572,8 +572,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     def _spaces(self, reference_model: nn.Module, example: torch.Tensor | None):
         """The spaces (given or found on the reference) and the runner that observes them."""
         taps = getattr(self, "taps", "formed")  # absent in mergers pickled before it existed
-        if taps not in TAPS:
-            raise ValueError(f"taps must be one of {', '.join(map(repr, TAPS))}, got {taps!r}.")
+        check_taps(taps)
         if self.spaces is not None:
             if taps != "formed":
                 raise ValueError(f"taps={taps!r} places the taps of the spaces found automatically; "

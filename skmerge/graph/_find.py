@@ -13,7 +13,7 @@ from ._collect import collect
 from ._export import Traced, as_args, trace
 from ._runner import GraphRunner, check_graph
 from ._spaces import _HAND_HINT, Space, UnsupportedOperationError
-from ._walk import TAPS, Walker
+from ._walk import Walker, check_taps
 
 __all__ = ["find_spaces", "analyze", "architecture_key"]
 
@@ -43,8 +43,7 @@ def architecture_key(model: nn.Module, example_args: tuple, taps: str = "formed"
 def analyze(model: nn.Module, example_input, taps: str = "formed", cache: bool = True
             ) -> tuple[Traced, list[Space]]:
     """Trace ``model`` and find its spaces; the traced graph is kept to observe the taps."""
-    if taps not in TAPS:  # before the export, which is the slow part
-        raise ValueError(f"taps must be one of {', '.join(map(repr, TAPS))}, got {taps!r}.")
+    check_taps(taps)  # before the export, which is the slow part
     args = as_args(example_input)
     key = architecture_key(model, args, taps) if cache else None
     with _LOCK:
@@ -110,11 +109,11 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         at every block output. ``"consumers"``: the inputs of the layers that
         read the space (after pooling and flattening), or where it is formed
         when no layer reads it as its input (attention's query-key spaces).
-        ``"both"``: all of them,
-        pooled, each sample once (a layer input that only rearranges a
-        formed tensor, such as a flatten, adds none). The default is the paper's placement; which one merges best
-        depends on the model and the aligner (measured on the benchmarks
-        page). ``ModelMerger(taps=...)`` passes it on.
+        ``"both"``: all of them, pooled, each sample once (a layer input that
+        only rearranges a formed tensor, such as a flatten, adds none). The
+        default is the paper's placement; which one merges best depends on
+        the model and the aligner (measured on the benchmarks page).
+        ``ModelMerger(taps=...)`` passes it on.
 
     Returns
     -------

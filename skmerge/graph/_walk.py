@@ -41,10 +41,16 @@ from .rules import lookup
 from .rules._registry import is_chain
 from .rules.shape import REARRANGEMENTS
 
-__all__ = ["TAPS", "Walker"]
+__all__ = ["TAPS", "Walker", "check_taps"]
 
 #: Where a space can be observed (``find_spaces(taps=...)``).
 TAPS = ("formed", "consumers", "both")
+
+
+def check_taps(taps) -> None:
+    """Raise a ValueError naming the placements when ``taps`` is none of them."""
+    if taps not in TAPS:
+        raise ValueError(f"taps must be one of {', '.join(map(repr, TAPS))}, got {taps!r}.")
 
 #: parameters used directly with more entries than this are refused (labels cost memory)
 _MAX_DIRECT_PARAM = 20_000_000
@@ -506,8 +512,7 @@ class Walker:
         return node
 
     def place_taps(self) -> None:
-        if self.tap_placement not in TAPS:
-            raise ValueError(f"taps must be one of {', '.join(map(repr, TAPS))}, got {self.tap_placement!r}.")
+        check_taps(self.tap_placement)
         # where features are formed: the taps of "formed" and "both", the fallback of "consumers"
         formed, starts = [], []
         for node in self.formers:  # a layer with several outputs: start at each of them
