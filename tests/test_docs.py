@@ -263,3 +263,23 @@ def test_converged_repair_table_is_the_committed_results():
         base = np.mean([e["base_mean"] for e in entries])
         assert row[7] == f"{100 * max(np.mean(v) for v in columns) / base:.0f}"
     assert len(rows) >= 3
+
+
+def test_resnet_candidates_page_is_generated_from_the_committed_results():
+    """Every cell of the ResNet candidates table is a committed record; the findings are recomputed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import resnet_candidates
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "resnet_candidates.json").read_text())
+    text = (DOCS / "_generated" / "benchmarks" / "resnet_candidates.inc").read_text()
+    assert resnet_candidates.table(results) in text
+    assert resnet_candidates.findings(results) in text
+    _, (header, *rows) = parse_list_table(resnet_candidates.table(results))
+    assert len(rows) == sum(len(f["pairs"]) for f in results["families"].values()) > 0
+    for row in rows:
+        family = next(f for f in results["families"].values() if f["label"] == row[0])
+        entry = family["pairs"][row[1].replace(" + ", "+")]
+        for key, label in resnet_candidates.COLUMNS:
+            assert row[header.index(label)] == f"{100 * entry[key]:.1f}"
+        # folding the BatchNorms into the convolutions keeps the base models' functions
+        assert np.mean(entry["folded_models"]) == pytest.approx(entry["base_mean"], abs=5e-4)
