@@ -17,6 +17,9 @@ re-estimated on them unless said otherwise):
   statistics re-estimated, (c) with REPAIR instead;
 * **per-space aligners** (``space_aligners=``): CCA on the residual streams
   and permutations on the blocks' hidden channels, and the reverse;
+* **observed before and after the ReLUs**: every space observed at the
+  output of its ReLUs (the default) and at their inputs (after the BatchNorm
+  or the residual sum), the two pooled like the places of a residual stream;
 * **more alignment data**: all 5,000 held-out images instead of 3,000 (then
   no images are left for validation);
 * a **diagnostic**: the second model alone expressed in the first one's basis
@@ -29,6 +32,7 @@ Writes ``benchmarks/results/resnet_candidates.json`` and
 
     python benchmarks/resnet_candidates.py                          # 2 pairs per width, about 25 min
     python benchmarks/resnet_candidates.py --families resnet20-x1 --pairs 0+1
+    python benchmarks/resnet_candidates.py --missing   # only the candidates a pair lacks
     python benchmarks/resnet_candidates.py --tables-only
 """
 
@@ -38,6 +42,7 @@ import _common  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is impor
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -53,6 +58,7 @@ from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, 
 from converged import N_ALIGN  # noqa: E402
 from skmerge import CCAAligner, ModelMerger, PermutationAligner, ProcrustesAligner  # noqa: E402
 from skmerge.graph import find_spaces  # noqa: E402
+from skmerge.graph._export import trace  # noqa: E402
 
 OUTPUT = RESULTS / "resnet_candidates.json"
 FAMILY_NAMES = ("resnet20-x1", "resnet20-x2")
@@ -68,6 +74,7 @@ COLUMNS = (
     ("folded_repair", "BN folded, REPAIR"),
     ("cca_streams_perm_hidden", "CCA streams, permuted hidden"),
     ("perm_streams_cca_hidden", "permuted streams, CCA hidden"),
+    ("cca_pre_and_post_relu", "CCA, before and after the ReLUs"),
     ("cca_5000", "CCA, 5,000 images"),
     ("alone_permutation", "model 2 alone, permutation"),
     ("alone_procrustes", "model 2 alone, Procrustes"),
@@ -80,6 +87,7 @@ def parse_args(argv=None):
     parser.add_argument("--families", default=",".join(FAMILY_NAMES))
     parser.add_argument("--pairs", default=",".join(PAIRS), help="pairs of seeds, e.g. 0+1,2+3")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--missing", action="store_true", help="run only the candidates a pair lacks")
     parser.add_argument("--tables-only", action="store_true")
     return parser.parse_args(argv)
 
@@ -118,6 +126,33 @@ def is_stream(space) -> bool:
     return "joined" in space.name
 
 
+def before_and_after_relus(spaces, model: nn.Module, example: torch.Tensor) -> list:
+    """The spaces observed at their ReLUs' outputs and at their inputs, the two pooled.
+
+    A tap at a ReLU's output gains a tap at the ReLU's input (the node of the
+    exported graph the ReLU reads); other taps are kept as they are.
+    """
+    nodes = {node.name: node for node in trace(model, (example,)).graph.nodes}
+
+    def inputs_of_relu(tap):
+        node = nodes[tap.node]
+        return [dataclasses.replace(tap, node=node.args[0].name)] if "relu" in str(node.target) else []
+
+    return [dataclasses.replace(s, taps=tuple(s.taps) + tuple(t for tap in s.taps for t in inputs_of_relu(tap)))
+            for s in spaces]
+
+
+def run_pre_and_post_relu(models, data) -> dict:
+    """CCA observed before and after the ReLUs (a candidate added to the pairs run without it)."""
+    x, y = data["heldout"].tensors
+    spaces = before_and_after_relus(find_spaces(models[0], x[:8]), models[0], x[:8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merger = ModelMerger(models, CCAAligner(), spaces=spaces, device="cpu", verbose=False)
+        return {"cca_pre_and_post_relu": accuracy(merger.fit(TensorDataset(x[:N_ALIGN], y[:N_ALIGN]))
+                                                  .merged_model_, data["test"])}
+
+
 def run_pair(models, data) -> dict:
     """Every candidate on one pair; test accuracies."""
     x, y = data["heldout"].tensors
@@ -152,7 +187,7 @@ def run_pair(models, data) -> dict:
                                 .fit(align).merged_model_, test)
         out["cca_5000"] = accuracy(ModelMerger(models, CCAAligner(), **common)
                                    .fit(data["heldout"]).merged_model_, test)
-    return out
+    return {**out, **run_pre_and_post_relu(models, data)}
 
 
 def table(results: dict) -> str:
@@ -181,7 +216,8 @@ def findings(results: dict) -> str:
             f"{mean('permutation'):.1f}; the best other candidate is {label} ({mean(best_other):.1f}). "
             f"REPAIR {mean('cca_repair') - mean('cca'):+.1f} points, BatchNorm folded "
             f"{mean('folded_reset') - mean('cca'):+.1f} (re-estimated) / {mean('folded_repair') - mean('cca'):+.1f} "
-            f"(REPAIR), per-space aligners {mean('cca_streams_perm_hidden') - mean('cca'):+.1f} / "
+            f"(REPAIR), observed before and after the ReLUs "
+            f"{mean('cca_pre_and_post_relu') - mean('cca'):+.1f}, per-space aligners {mean('cca_streams_perm_hidden') - mean('cca'):+.1f} / "
             f"{mean('perm_streams_cca_hidden') - mean('cca'):+.1f}, 5,000 alignment images "
             f"{mean('cca_5000') - mean('cca'):+.1f}. The second model alone in the first one's basis: "
             f"{mean('alone_permutation'):.1f} (permutation), {mean('alone_procrustes'):.1f} (Procrustes), "
@@ -210,9 +246,16 @@ def main(argv=None) -> None:
             seeds = [int(s) for s in pair.split("+")]
             models, data = load_base_models(family, seeds)
             tick = time.perf_counter()
-            entry = run_pair(models, data)
+            if args.missing and pair in fam["pairs"]:
+                entry = fam["pairs"][pair]
+                if "cca_pre_and_post_relu" in entry:
+                    continue
+                entry.update(run_pre_and_post_relu(models, data))
+                entry["seconds"] = round(entry["seconds"] + time.perf_counter() - tick, 1)
+            else:
+                entry = run_pair(models, data)
+                entry["seconds"] = round(time.perf_counter() - tick, 1)
             entry["base_mean"] = float(np.mean([accuracy(m, data["test"]) for m in models]))
-            entry["seconds"] = round(time.perf_counter() - tick, 1)
             fam["pairs"][pair] = entry
             print(f"{family} {pair}: " + ", ".join(f"{k} {100 * entry[k]:.2f}" for k, _ in COLUMNS)
                   + f" ({entry['seconds']} s)", flush=True)
