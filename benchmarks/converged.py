@@ -25,11 +25,12 @@ together are merged with
   as vectors (``mapping.T @ s``) instead of by the diagonal of
   ``inverse_mapping @ diag(s) @ mapping``,
 
-each with the spaces observed at three placements
+each with the spaces observed at four placements
 (:func:`skmerge.graph.find_spaces` ``taps=``): ``"formed"`` (the default:
 where the features are formed, before any pooling), ``"consumers"`` (at the
-inputs of the layers that read them, after pooling) and ``"both"`` (the two
-pooled together). Alignment data: 3,000 held-out training images; BatchNorm
+inputs of the layers that read them, after pooling), ``"both"`` (the two
+pooled together) and ``"pre_and_post_activation"`` (where they are formed and
+at the inputs of the nonlinearities on the way, pooled). Alignment data: 3,000 held-out training images; BatchNorm
 statistics re-estimated on them; test accuracy on the 10,000 test images.
 
 Writes ``benchmarks/results/converged.json`` and
@@ -37,6 +38,7 @@ Writes ``benchmarks/results/converged.json`` and
 
     python benchmarks/converged.py                    # every family: ResNet20 x1 about 15 min per placement, VGG11 x1/4 1-3 min
     python benchmarks/converged.py --families resnet20-x1 --taps formed
+    python benchmarks/converged.py --taps pre_and_post_activation --parts main --missing  # one placement added
     python benchmarks/converged.py --parts reference  # only the ridge CCA column, other results kept
     python benchmarks/converged.py --parts reference-both --missing  # the ridge CCA observed at taps=both
     python benchmarks/converged.py --parts repair --missing  # only the REPAIR columns
@@ -57,6 +59,8 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from _reference_cca import GAMMAS, RidgeCCAAligner  # noqa: E402
@@ -68,11 +72,11 @@ from skmerge.batchnorm import has_batchnorm  # noqa: E402
 from skmerge.graph import find_spaces  # noqa: E402
 
 OUTPUT = RESULTS / "converged.json"
-TAPS = ("formed", "consumers", "both")
+TAPS = ("formed", "consumers", "both", "pre_and_post_activation")
 #: Regularization grid of the tuned CCA (chosen on the validation images).
 GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 N_ALIGN = 3000
-PARTS = ("main", "reference", "reference-both", "repair")
+PARTS = ("main", "reference", "reference-both", "repair", "dead-channels")
 
 
 def parse_args(argv=None):
@@ -84,8 +88,9 @@ def parse_args(argv=None):
                         help="comma-separated, from main (every aligner and placement), reference (the "
                              "ridge CCA of the reference code, default placement), reference-both (the same "
                              "observed at taps=both) and repair (REPAIR after "
-                             "permutation and CCA, default placement, families without BatchNorm); results "
-                             "of parts not run are kept")
+                             "permutation and CCA, default placement, families without BatchNorm) and "
+                             "dead-channels (per model, the share of ReLU channels never active on the "
+                             "alignment images); results of parts not run are kept")
     parser.add_argument("--missing", action="store_true",
                         help="only the sets and parts that have no results yet (e.g. after training more seeds)")
     parser.add_argument("--sets", default=None,
@@ -165,6 +170,36 @@ def repair_set(models, spaces, align, test) -> dict:
     return out
 
 
+def dead_channels(model, images, batch_size: int = 500) -> float | None:
+    """The share of the channels of all ReLU calls that are zero on every image and position.
+
+    Each call of an ``nn.ReLU`` module counts its channels (axis 1) once; a
+    dead channel's pre-activation still varies, its output never does. None
+    for a model without ``nn.ReLU`` modules (a GELU network).
+    """
+    active: dict = {}  # (module, call) -> channels ever positive
+    calls: dict = {}
+
+    def hook(module, _inputs, output):
+        key = (id(module), calls.get(id(module), 0))
+        calls[id(module)] = key[1] + 1
+        axes = tuple(a for a in range(output.ndim) if a != 1)
+        ever = (output > 0).any(dim=axes)
+        active[key] = ever | active[key] if key in active else ever
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                calls.clear()
+                model.eval()(images[start:start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = sum(v.numel() for v in active.values())
+    return float(sum(int((~v).sum()) for v in active.values()) / total) if total else None
+
+
 def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool = False,
                save=lambda: None, only=None) -> None:
     """Merge every set of the family's models; ``save()`` after each set (a long run keeps its sets)."""
@@ -184,6 +219,10 @@ def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool
         if unknown := [k for k in only if k not in keys]:
             raise SystemExit(f"{family}: no set {unknown}; sets of seeds {seeds}: {', '.join(keys)}")
         sets = [keys[k] for k in only]
+    if "dead-channels" in parts and not (missing and "dead_channels" in fam):
+        fam["dead_channels"] = [dead_channels(m, align.tensors[0]) for m in models]
+        print(f"{family}: channels never active, per model: " +
+              ", ".join("-" if d is None else f"{100 * d:.1f} %" for d in fam["dead_channels"]), flush=True)
     x_example = align.tensors[0][:8]
     for members in sets:
         key = "+".join(str(seeds[i]) for i in members)
@@ -322,8 +361,9 @@ def repair_table(results: dict) -> str:
 
 def placement_table(results: dict) -> str:
     """Each placement against ``formed`` on the same sets, for permutation and CCA (r=0.3)."""
-    header = ["models", "merged", "permutation, ``formed``", "``consumers``", "``both``",
-              "CCA (r=0.3), ``formed``", "``consumers``", "``both``", "best for CCA",
+    others = [f"``{t}``" for t in TAPS[1:]]
+    header = ["models", "merged", "permutation, ``formed``", *others, "CCA (r=0.3), ``formed``", *others,
+              "best for CCA",
               "CCA (r=0.3) ``both`` / ridge CCA (best gamma), same sets", "CCA ``both`` >= ridge CCA",
               "ridge CCA observed at ``both``, same sets"]
     rows = []
@@ -364,13 +404,40 @@ def placement_table(results: dict) -> str:
             "difference; the last columns compare CCA (r=0.3) observed at ``both`` with the reference's "
             "ridge CCA at its best gamma (observed where the reference code observes, ``formed``), set "
             "by set, and with the ridge CCA observed at ``both`` too (``--parts reference-both``).\n\n")
-    paired = [e for fam in results["families"].values() for e in fam["sets"].values()
-              if "both" in e and "formed" in e]
-    counts = [f"{METHODS[m]} {sum(e['both'][m] >= e['formed'][m] for e in paired)} of {len(paired)}"
-              for m in ("cca_default", "permutation")]
-    summary = ("\n``both`` at least as good as ``formed``, set by set over every family: "
-               + "; ".join(counts) + ".\n")
-    return note + rst_table(header, rows, stub_columns=1) + summary
+    summary = ""
+    for t in TAPS[1:]:
+        paired = [e for fam in results["families"].values() for e in fam["sets"].values()
+                  if t in e and "formed" in e]
+        if t == "consumers" or not paired:
+            continue
+        counts = [f"{METHODS[m]} {sum(e[t][m] >= e['formed'][m] for e in paired)} of {len(paired)}"
+                  for m in ("cca_default", "permutation")]
+        summary += f"\n``{t}`` at least as good as ``formed``, set by set over every family: " + "; ".join(counts) + ".\n"
+    return note + rst_table(header, rows, stub_columns=1) + summary + dead_channel_split(results)
+
+
+def dead_channel_split(results: dict, taps: str = "pre_and_post_activation") -> str:
+    """``taps`` against ``formed`` (CCA) on the sets with and without each family's deadest model."""
+    parts = []
+    for _, fam in _in_order(results):
+        dead = fam.get("dead_channels")
+        entries = {k: e for k, e in fam["sets"].items() if taps in e and "formed" in e}
+        if not dead or None in dead or max(dead) == 0 or not entries:
+            continue
+        worst = str(fam["seeds"][int(np.argmax(dead))])
+        split = {True: [], False: []}
+        for key, e in entries.items():
+            split[worst in key.split("+")].append(100 * (e[taps]["cca_default"] - e["formed"]["cca_default"]))
+        cells = [f"{np.mean(v):+.1f} ({len(v)})" if v else "-" for v in (split[True], split[False])]
+        parts.append(f"{fam['label']}: model {worst} ({100 * max(dead):.0f} %; the others "
+                     f"{', '.join(f'{100 * d:.0f}' for i, d in enumerate(dead) if i != int(np.argmax(dead)))} %) "
+                     f"{cells[0]} / {cells[1]}")
+    if not parts:
+        return ""
+    return (f"\nChannels never active (ReLU outputs zero on every alignment image and position) and "
+            f"``{taps}`` against ``formed`` for CCA (r=0.3), in points, on the sets that hold the "
+            f"family's model with the most such channels / on the other sets (their number in "
+            f"parentheses): " + "; ".join(parts) + ".\n")
 
 
 METHODS = {"permutation": "permutation", "cca_default": "CCA (r=0.3)", "cca_tuned": "CCA (tuned r)"}

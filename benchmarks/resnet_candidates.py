@@ -19,7 +19,8 @@ re-estimated on them unless said otherwise):
   and permutations on the blocks' hidden channels, and the reverse;
 * **observed before and after the ReLUs**: every space observed at the
   output of its ReLUs (the default) and at their inputs (after the BatchNorm
-  or the residual sum), the two pooled like the places of a residual stream;
+  or the residual sum), the two pooled like the places of a residual stream
+  (``taps="pre_and_post_activation"``);
 * **more alignment data**: all 5,000 held-out images instead of 3,000 (then
   no images are left for validation);
 * a **diagnostic**: the second model alone expressed in the first one's basis
@@ -42,7 +43,6 @@ import _common  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is impor
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import dataclasses  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -58,7 +58,6 @@ from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, 
 from converged import N_ALIGN  # noqa: E402
 from skmerge import CCAAligner, ModelMerger, PermutationAligner, ProcrustesAligner  # noqa: E402
 from skmerge.graph import find_spaces  # noqa: E402
-from skmerge.graph._export import trace  # noqa: E402
 
 OUTPUT = RESULTS / "resnet_candidates.json"
 FAMILY_NAMES = ("resnet20-x1", "resnet20-x2")
@@ -130,35 +129,16 @@ def is_stream(space) -> bool:
     return "joined" in space.name
 
 
-def before_and_after_relus(spaces, model: nn.Module, example: torch.Tensor) -> list:
-    """The spaces observed at their ReLUs' outputs and at their inputs, the two pooled.
-
-    A tap at a ReLU's output gains a tap at the ReLU's input (the node of the
-    exported graph the ReLU reads); other taps are kept as they are.
-    """
-    nodes = {node.name: node for node in trace(model, (example,)).graph.nodes}
-
-    def inputs_of_relu(tap):
-        node = nodes[tap.node]
-        return [dataclasses.replace(tap, node=node.args[0].name)] if "relu" in str(node.target) else []
-
-    return [dataclasses.replace(s, taps=tuple(s.taps) + tuple(t for tap in s.taps for t in inputs_of_relu(tap)))
-            for s in spaces]
-
-
 def _alignment_set(data) -> TensorDataset:
     x, y = data["heldout"].tensors
     return TensorDataset(x[:N_ALIGN], y[:N_ALIGN])
 
 
-def run_pre_and_post_relu(models, data, spaces=None) -> dict:
-    """CCA observed before and after the ReLUs (also added alone to the pairs run without it)."""
-    example = data["heldout"].tensors[0][:8]
-    spaces = before_and_after_relus(find_spaces(models[0], example) if spaces is None else spaces,
-                                    models[0], example)
+def run_pre_and_post_relu(models, data) -> dict:
+    """CCA observed before and after the ReLUs (``taps="pre_and_post_activation"``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merger = ModelMerger(models, CCAAligner(), spaces=spaces, device="cpu", verbose=False)
+        merger = ModelMerger(models, CCAAligner(), taps="pre_and_post_activation", device="cpu", verbose=False)
         return {"cca_pre_and_post_relu": accuracy(merger.fit(_alignment_set(data)).merged_model_, data["test"])}
 
 
@@ -195,7 +175,7 @@ def run_pair(models, data) -> dict:
                                 .fit(align).merged_model_, test)
         out["cca_5000"] = accuracy(ModelMerger(models, CCAAligner(), **common)
                                    .fit(data["heldout"]).merged_model_, test)
-    return {**out, **run_pre_and_post_relu(models, data, spaces)}
+    return {**out, **run_pre_and_post_relu(models, data)}
 
 
 def table(results: dict) -> str:

@@ -202,7 +202,7 @@ examples:
 """
 
 #: find_spaces' tap placements (skmerge.graph._walk.TAPS, repeated: the parser does not import torch)
-MERGE_TAPS = ("formed", "consumers", "both")
+MERGE_TAPS = ("formed", "consumers", "both", "pre_and_post_activation")
 
 _MERGE_DESCRIPTION = """\
 Merge two or more checkpoints of one architecture into one. The feature
@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "repeatable, the first match wins (ModelMerger's space_aligners)")
     merge.add_argument("--taps", choices=MERGE_TAPS, default="formed",
                        help="where the feature spaces are observed: where their features are formed, "
-                            "at the inputs of the layers that read them, or both (default: formed)")
+                            "at the inputs of the layers that read them, both, or where they are formed "
+                            "and at the inputs of their nonlinearities (default: formed)")
     merge.add_argument("--reference", type=_int_at_least(0), default=0, metavar="K",
                        help="index of the checkpoint the others are aligned to (default: 0)")
     merge.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,...",

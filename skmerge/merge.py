@@ -131,12 +131,13 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     spaces : list of skmerge.graph.Space, optional
         Feature spaces given by hand (for models that torch.export cannot
         capture); found automatically when None.
-    taps : {"formed", "consumers", "both"}, default="formed"
+    taps : {"formed", "consumers", "both", "pre_and_post_activation"}, default="formed"
         Where the spaces found automatically are observed
         (:func:`~skmerge.graph.find_spaces`' ``taps``): where their features
         are formed (after the nonlinearity, before any pooling, as in the
         CCA Merge paper), at the inputs of the layers that read them (after
-        pooling and flattening), or both, pooled. The measured best differs
+        pooling and flattening), both, pooled, or where they are formed and
+        at the inputs of their nonlinearities, pooled. The measured best differs
         by model and aligner (:ref:`benchmarks-converged`); only used when
         ``spaces`` is None.
     self_check : {"auto"} or bool, default="auto"

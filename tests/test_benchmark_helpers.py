@@ -7,10 +7,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from resnet_candidates import batchnorm_folded, before_and_after_relus  # noqa: E402
+from converged import dead_channels  # noqa: E402
+from resnet_candidates import batchnorm_folded  # noqa: E402
 
-from skmerge import ModelMerger, PermutationAligner  # noqa: E402
-from skmerge.graph import find_spaces, permute_model  # noqa: E402
 from skmerge.models import CifarResNet20  # noqa: E402
 
 
@@ -41,16 +40,23 @@ def test_batchnorm_folded_computes_the_same_function_and_leaves_the_model_alone(
     assert batchnorms and all(bool((m.weight == 1).all() and (m.running_mean == 0).all()) for m in batchnorms)
 
 
-def test_spaces_observed_before_and_after_the_relus_recover_a_permuted_copy():
-    torch.manual_seed(0)
-    model = _trained_like(CifarResNet20(width=0.5, in_channels=1, num_classes=10))
-    x = torch.randn(64, 1, 28, 28)
-    spaces = find_spaces(model, x[:4])
-    pooled = before_and_after_relus(spaces, model, x[:4])
-    assert [len(s.taps) for s in pooled] == [2 * len(s.taps) for s in spaces]
-    assert all({t.node for t in s.taps[len(s.taps) // 2:]}.isdisjoint({t.node for t in s.taps[:len(s.taps) // 2]})
-               for s in pooled)
-    permuted, _ = permute_model(model, x[:4], seed=1)
-    merger = ModelMerger([model, permuted], PermutationAligner(), spaces=pooled, reset_bn=False,
-                         device="cpu", verbose=False).fit(x)
-    torch.testing.assert_close(merger.merged_model_.eval()(x), model(x), rtol=1e-4, atol=1e-4)
+def test_dead_channels_counts_the_relu_channels_never_active_over_every_call():
+    """Linear(4, 5) -> ReLU, called twice (one module): the first call's channel 0 and the second
+    call's channels 0 and 1 are never positive, so 3 of the 10 channels are dead."""
+    layer, relu = nn.Linear(4, 5), nn.ReLU()
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor([-1.0, 0.5, 1.0, 1.0, 1.0]))
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.relu = layer, relu
+
+        def forward(self, x):
+            return self.relu(self.layer(x)) + self.relu(self.layer(x) - 0.6)
+
+    model = Twice()
+    x = torch.randn(7, 4)
+    assert dead_channels(model, x, batch_size=3) == 0.3
+    assert all(not m._forward_hooks for m in model.modules())

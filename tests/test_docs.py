@@ -213,6 +213,19 @@ def test_converged_findings_are_generated_from_the_committed_results():
     assert "ridge CCA with its best gamma" in text
 
 
+def test_converged_placements_are_generated_from_the_committed_results():
+    """The placements table and its sentences are today's rendering of the committed records, with a
+    column per placement and the channels never active of every family."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import converged
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "converged.json").read_text())
+    text = (DOCS / "_generated" / "benchmarks" / "converged_placements.inc").read_text()
+    assert text == converged.placement_table(results)
+    assert all(f"``{t}``" in text for t in converged.TAPS)
+    assert all(len(fam.get("dead_channels", [])) == len(fam["seeds"]) for fam in results["families"].values())
+
+
 def test_converged_tables_are_the_committed_results():
     """The converged-models table: every cell is the mean of the committed per-set records."""
     results = json.loads((ROOT / "benchmarks" / "results" / "converged.json").read_text())

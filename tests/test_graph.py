@@ -427,6 +427,23 @@ def test_taps_observe_the_formed_features_and_the_consumer_inputs_on_request():
         find_spaces(model, x, taps="inputs")
 
 
+def test_pre_and_post_activation_taps_add_the_input_of_each_nonlinearity_on_the_formed_chain():
+    """A conv-BN-ReLU block gains its BatchNorm output, a residual stream each block's addition before
+    its ReLU; spaces without a nonlinearity keep their formed taps only."""
+    model, x = _make("resnet"), _x("resnet")
+    formed = find_spaces(model, x)
+    both = find_spaces(model, x, taps="pre_and_post_activation")
+    assert [s.name for s in both] == [s.name for s in formed]
+    for plain, doubled in zip(formed, both):
+        assert doubled.taps[:len(plain.taps)] == plain.taps
+    stream = both[0]
+    assert [t.node for t in stream.taps] == ["relu", "relu_2", "relu_4", "batch_norm", "add_", "add__1"]
+    assert [t.node for t in both[1].taps] == ["relu_1", "batch_norm_1"]
+    mlp = _make("mlp")
+    spaces = find_spaces(mlp, _x("mlp"), taps="pre_and_post_activation")
+    assert [[t.node for t in s.taps] for s in spaces] == [["relu", "linear"], ["relu_1", "linear_1"]]
+
+
 def test_graph_tap_extraction_reads_blocks_and_offsets():
     feats = torch.randn(2, 3, 10, dtype=torch.float64)
     tap = GraphTap("n", (2,), torch.arange(4, 10))

@@ -355,7 +355,7 @@ def test_taps_place_the_observations_of_the_spaces_found_automatically(taps):
     assert not torch.allclose(placed.aligners_[0][1].mapping_, formed.aligners_[0][1].mapping_)
 
 
-@pytest.mark.parametrize("taps", ["consumers", "both"])
+@pytest.mark.parametrize("taps", ["consumers", "both", "pre_and_post_activation"])
 def test_every_tap_placement_merges_a_permuted_copy_exactly(taps):
     model = _archs.make_model("vgg", 0)
     inputs = _archs.inputs("vgg", 64)
@@ -365,10 +365,69 @@ def test_every_tap_placement_merges_a_permuted_copy_exactly(taps):
     torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs))
 
 
+@pytest.mark.parametrize("taps", ["pre_and_post_activation"])
+def test_a_residual_network_merges_a_permuted_copy_exactly_at_every_tap_placement(taps):
+    model = _archs.make_model("resnet", 0)
+    inputs = _archs.inputs("resnet", 32)
+    permuted = permute_model(model, inputs[:2], seed=5)[0]
+    merger = ModelMerger([model, permuted], CCAAligner(regularization=0.0), device="cpu", taps=taps,
+                         reset_bn=False).fit(inputs)
+    torch.testing.assert_close(_archs.outputs(merger.merged_model_, inputs), _archs.outputs(model, inputs))
+
+
+class _InplaceMLP(nn.Module):
+    """Linear -> ReLU(inplace=True) -> Linear: the linear output is overwritten by the ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.act, self.head = nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc0(x)))
+
+
+def _pooled_covariance(*samples):
+    return torch.cov(torch.cat(samples).T)
+
+
+def test_pre_and_post_activation_observes_each_nonlinearity_input_before_it_is_overwritten():
+    """The statistics are those of the pre- and post-activation samples pooled (an independent
+    formula), also where ReLU(inplace=True) overwrites its input: a convolution map (observed as a
+    strided view) and a linear output."""
+    models = [_archs.make_model("vgg", seed) for seed in range(2)]
+    inputs = _archs.inputs("vgg", 16)
+    merger = ModelMerger(models, PermutationAligner(), device="cpu", taps="pre_and_post_activation",
+                         reset_bn=False).fit(inputs)
+    assert [t.module for t in merger.spaces_[0].taps] == ["features.2", "features.1"]
+    assert [t.module for t in merger.spaces_[3].taps] == ["classifier.2", "classifier.0"]  # ends at the dropout
+    pre, post = [], []
+    with torch.no_grad():
+        for model in models:
+            x = model.features[1](model.features[0](inputs))  # BatchNorm output, before the ReLU
+            pre.append(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
+            post.append(torch.relu(pre[-1]))
+    stats = merger.statistics_[0]
+    assert stats.n_samples_ == 2 * 16 * 8 * 8
+    for k in range(2):
+        torch.testing.assert_close(stats.covariance(k), _pooled_covariance(post[k], pre[k]))
+    joint = torch.cov(torch.cat([torch.cat([post[0], pre[0]]), torch.cat([post[1], pre[1]])], 1).T)
+    torch.testing.assert_close(stats.cross_covariance(1), joint[4:, :4])
+
+    torch.manual_seed(0)
+    mlps = [_InplaceMLP().double() for _ in range(2)]
+    x = torch.randn(30, 5, dtype=torch.float64)
+    (space,), (stats,) = (lambda m: (m.spaces_, m.statistics_))(ModelMerger(
+        mlps, PermutationAligner(), device="cpu", taps="pre_and_post_activation").fit(x))
+    assert [t.node for t in space.taps] == ["relu_", "linear"]
+    with torch.no_grad():
+        linear = mlps[1].fc0(x)
+    torch.testing.assert_close(stats.covariance(1), _pooled_covariance(torch.relu(linear), linear))
+
+
 def test_taps_are_validated_and_need_a_fit():
     models = [_archs.make_model("mlp", seed) for seed in range(2)]
     inputs = _archs.inputs("mlp", 64)
-    with pytest.raises(ValueError, match="taps must be one of 'formed', 'consumers', 'both', got 'inputs'"):
+    with pytest.raises(ValueError, match="taps must be one of 'formed', 'consumers', 'both', 'pre_and_post_activation', got 'inputs'"):
         ModelMerger(models, device="cpu", taps="inputs").fit(inputs)
     spaces = find_spaces(models[0], inputs[:2])
     with pytest.raises(ValueError, match="spaces given by hand carry their own taps"):

@@ -214,7 +214,7 @@ def test_vit_layout_width_and_errors():
         ViT(dim=16, heads=3)
 
 
-@pytest.mark.parametrize("taps", ["formed", "consumers", "both"])
+@pytest.mark.parametrize("taps", ["formed", "consumers", "both", "pre_and_post_activation"])
 def test_vit_keeps_its_query_key_spaces_at_every_tap_placement(taps):
     """No layer reads a query-key space as its input: with ``taps="consumers"`` it is observed where
     it is formed, not dropped (dropped, the head order of its value-output space alone changed the
@@ -250,3 +250,32 @@ def test_vit_spaces_are_exact_under_permutations_with_heads_matched():
     merged = ModelMerger([model, permuted], PermutationAligner(), device="cpu").fit(x).merged_model_
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model(x), rtol=0, atol=1e-10)
+
+
+def test_resnet20_observed_before_and_after_its_relus_merges_a_permuted_copy_exactly():
+    """taps="pre_and_post_activation": every space of ResNet20 (each tapped at ReLUs) gains as many
+    taps, at the ReLUs' inputs; the merge with a permuted copy reproduces the model."""
+    from skmerge import ModelMerger, PermutationAligner
+    from skmerge.graph import find_spaces, permute_model
+
+    torch.manual_seed(0)
+    model = get_model("resnet20", width=0.5, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_()
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.1, 2.0)
+    model.eval()
+    x = torch.randn(64, 1, 28, 28)
+    formed = find_spaces(model, x[:4])
+    pooled = find_spaces(model, x[:4], taps="pre_and_post_activation")
+    assert [len(s.taps) for s in pooled] == [2 * len(s.taps) for s in formed]
+    for space in pooled:
+        half = len(space.taps) // 2
+        assert {t.node for t in space.taps[half:]}.isdisjoint({t.node for t in space.taps[:half]})
+    permuted, _ = permute_model(model, x[:4], seed=1)
+    merger = ModelMerger([model, permuted], PermutationAligner(), taps="pre_and_post_activation",
+                         reset_bn=False, device="cpu", verbose=False).fit(x)
+    torch.testing.assert_close(merger.merged_model_.eval()(x), model(x), rtol=1e-4, atol=1e-4)

@@ -101,7 +101,7 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         copy of its tensors.
     example_input : torch.Tensor or tuple of torch.Tensor
         A small batch the model accepts (only its shapes and dtypes are used).
-    taps : {"formed", "consumers", "both"}, default="formed"
+    taps : {"formed", "consumers", "both", "pre_and_post_activation"}, default="formed"
         Where each space is observed. ``"formed"``: where its features are
         formed, at the output of the nonlinearity that follows each producer
         (or of the producer or its norm), over all positions, before any
@@ -110,8 +110,13 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         read the space (after pooling and flattening), or where it is formed
         when no layer reads it as its input (attention's query-key spaces).
         ``"both"``: all of them, pooled, each sample once (a layer input that
-        only rearranges a formed tensor, such as a flatten, adds none). The
-        default is the paper's placement; which one merges best depends on
+        only rearranges a formed tensor, such as a flatten, adds none).
+        ``"pre_and_post_activation"``: where the features are formed and, for
+        every nonlinearity on the way there (ReLU, GELU, SiLU, tanh, ...: the
+        ops of ``rules.elementwise.ACTIVATIONS``), at its input too, pooled
+        (a conv-BN-ReLU block at the BatchNorm output and at the ReLU
+        output; a residual stream before and after each block's final ReLU).
+        The default is the paper's placement; which one merges best depends on
         the model and the aligner (measured on the benchmarks page).
         ``ModelMerger(taps=...)`` passes it on.
 
@@ -128,7 +133,7 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         path). Describe the spaces by hand in that case.
     ValueError
         If the model cannot run on ``example_input``, or ``taps`` is not one
-        of the three placements.
+        of the placements.
 
     Warns
     -----

@@ -34,6 +34,35 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _writes(user: torch.fx.Node, node: torch.fx.Node) -> tuple[bool, bool]:
+    """Whether ``user`` writes into ``node``'s memory, and whether its output aliases it (a view)."""
+    schema = getattr(user.target, "_schema", None)
+    if user.op != "call_function" or schema is None:
+        return False, False
+    write = alias = False
+    for i, argument in enumerate(schema.arguments):
+        value = user.args[i] if i < len(user.args) else user.kwargs.get(argument.name)
+        if value is node and argument.alias_info is not None:
+            write = write or argument.alias_info.is_write
+            alias = True
+    return write, alias
+
+
+def _overwritten_later(node: torch.fx.Node) -> bool:
+    """Whether an in-place op of the graph writes into ``node``'s output, directly or through a view."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            write, alias = _writes(user, current)
+            if write:
+                return True
+            if alias and user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
 class _NoObserver:
     def observe(self, tensor, key):
         return None
@@ -107,7 +136,10 @@ class GraphRunner:
                 new.kwargs = {**new.kwargs, "device": device}
             env[node] = new
             if node.name in names and node.op != "placeholder":
-                graph.call_method("observe", (observer, new, node.name))
+                # a value an in-place op overwrites later (a BatchNorm output before ReLU(inplace=True))
+                # is reported as a copy: the statistics hold views of what they are given
+                value = graph.call_method("clone", (new,)) if _overwritten_later(node) else new
+                graph.call_method("observe", (observer, value, node.name))
         missing = names - {n.name for n in program.graph.nodes}
         if missing:
             raise ValueError(f"the spaces observe nodes {sorted(missing)[:3]} that the exported graph of "

@@ -39,12 +39,13 @@ from ._spaces import _HAND_HINT, UnsupportedOperationError
 from ._unionfind import ParityUnionFind
 from .rules import lookup
 from .rules._registry import is_chain
+from .rules.elementwise import ACTIVATIONS
 from .rules.shape import REARRANGEMENTS
 
 __all__ = ["TAPS", "Walker", "check_taps"]
 
 #: Where a space can be observed (``find_spaces(taps=...)``).
-TAPS = ("formed", "consumers", "both")
+TAPS = ("formed", "consumers", "both", "pre_and_post_activation")
 
 
 def check_taps(taps) -> None:
@@ -513,13 +514,14 @@ class Walker:
 
     def place_taps(self) -> None:
         check_taps(self.tap_placement)
-        # where features are formed: the taps of "formed" and "both", the fallback of "consumers"
+        # where features are formed: the taps of every placement but "consumers" (its fallback there)
         formed, starts = [], []
         for node in self.formers:  # a layer with several outputs: start at each of them
             if isinstance(self.env.get(node), list):
                 starts.extend(u for u in node.users if u.target is operator.getitem)
             else:
                 starts.append(node)
+        pre_activation = []  # the inputs of the nonlinearities on the chains, in chain order
         for node in starts:
             end = node
             while True:
@@ -529,11 +531,15 @@ class Walker:
                 (user,) = users
                 if user not in self.chain or not isinstance(self.env.get(user), Layout):
                     break
+                if getattr(user.target, "overloadpacket", None) in ACTIVATIONS:
+                    pre_activation.append(end)
                 end = user
             formed.append(end)
         # (node, fallback): with "consumers", a space that no layer reads as its input (the
         # query-key space of attention) is observed where it is formed instead
-        nodes = [(n, False) for n in formed] if self.tap_placement in ("formed", "both") else []
+        nodes = [(n, False) for n in formed] if self.tap_placement != "consumers" else []
+        if self.tap_placement == "pre_and_post_activation":
+            nodes.extend((n, False) for n in pre_activation)
         if self.tap_placement == "consumers":
             nodes.extend((n, False) for n in self.consumer_inputs)
         elif self.tap_placement == "both":  # a consumer reading a formed tensor rearranged adds no sample

@@ -92,6 +92,15 @@ def elementwise(w, node) -> Layout:
     return combine(w, node, w.tensor_args(node), shape)
 
 
+#: The nonlinearities that form features (``taps="pre_and_post_activation"`` also observes their inputs).
+ACTIVATION_NAMES = (
+    "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "mish", "mish_", "sigmoid", "sigmoid_",
+    "tanh", "tanh_", "hardtanh", "hardtanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_",
+    "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "softplus",
+    "softshrink", "hardshrink", "threshold", "threshold_", "log_sigmoid",
+)
+ACTIVATIONS = frozenset(ops(*ACTIVATION_NAMES, "prelu", "_prelu_kernel"))
+
 rule(*ops(
     # arithmetic and comparisons
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "true_divide", "floor_divide",
@@ -100,10 +109,7 @@ rule(*ops(
     "logical_not", "logical_xor", "masked_fill", "masked_fill_", "bitwise_and", "bitwise_or",
     "bitwise_not", "copysign", "hypot", "atan2", "xlogy",
     # activations and unary maths
-    "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "mish", "mish_", "sigmoid", "sigmoid_",
-    "tanh", "tanh_", "hardtanh", "hardtanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_",
-    "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "softplus",
-    "softshrink", "hardshrink", "threshold", "threshold_", "log_sigmoid",
+    *ACTIVATION_NAMES,
     "exp", "exp_", "exp2", "expm1", "log", "log_", "log1p", "log2", "log10", "sqrt", "sqrt_", "rsqrt",
     "rsqrt_", "square", "abs", "abs_", "neg", "neg_", "sign", "sgn", "sin", "cos", "tan", "erf",
     "erfc", "erfinv", "reciprocal", "reciprocal_", "floor", "ceil", "round", "trunc", "frac",
