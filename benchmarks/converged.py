@@ -424,13 +424,14 @@ def dead_channel_split(results: dict, taps: str = "pre_and_post_activation") -> 
         entries = {k: e for k, e in fam["sets"].items() if taps in e and "formed" in e}
         if not dead or None in dead or max(dead) == 0 or not entries:
             continue
-        worst = str(fam["seeds"][int(np.argmax(dead))])
+        index = int(np.argmax(dead))
+        worst = str(fam["seeds"][index])
         split = {True: [], False: []}
         for key, e in entries.items():
             split[worst in key.split("+")].append(100 * (e[taps]["cca_default"] - e["formed"]["cca_default"]))
         cells = [f"{np.mean(v):+.1f} ({len(v)})" if v else "-" for v in (split[True], split[False])]
-        parts.append(f"{fam['label']}: model {worst} ({100 * max(dead):.0f} %; the others "
-                     f"{', '.join(f'{100 * d:.0f}' for i, d in enumerate(dead) if i != int(np.argmax(dead)))} %) "
+        others = ", ".join(f"{100 * d:.0f}" for i, d in enumerate(dead) if i != index)
+        parts.append(f"{fam['label']}: model {worst} ({100 * dead[index]:.0f} %; the others {others} %) "
                      f"{cells[0]} / {cells[1]}")
     if not parts:
         return ""

@@ -258,16 +258,10 @@ def test_resnet20_observed_before_and_after_its_relus_merges_a_permuted_copy_exa
     from skmerge import ModelMerger, PermutationAligner
     from skmerge.graph import find_spaces, permute_model
 
+    import _archs
+
     torch.manual_seed(0)
-    model = get_model("resnet20", width=0.5, in_channels=1, num_classes=10)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_()
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.1, 2.0)
-    model.eval()
+    model = _archs.randomize_batchnorm(get_model("resnet20", width=0.5, in_channels=1, num_classes=10), 0).eval()
     x = torch.randn(64, 1, 28, 28)
     formed = find_spaces(model, x[:4])
     pooled = find_spaces(model, x[:4], taps="pre_and_post_activation")
