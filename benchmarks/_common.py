@@ -56,6 +56,7 @@ def machine_info(device: str = "cpu") -> dict:
     import sklearn
 
     import skmerge
+    from skmerge.graph._walk import DEFAULT_TAPS
 
     info = {
         "cpu": cpu,
@@ -68,6 +69,7 @@ def machine_info(device: str = "cpu") -> dict:
         "torch": torch.__version__,
         "sklearn": sklearn.__version__,
         "skmerge": skmerge.__version__,
+        "default_taps": DEFAULT_TAPS,
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -83,8 +85,11 @@ def machine_line(info: dict) -> str:
     where = info["gpu"] or f"{info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads)"
     load = info.get("load_average_at_start")
     load = f", load average {load[0]:g} at start" if load else ""
+    # records written before the placement was recorded ran at the default of their time, "formed"
+    taps = info.get("default_taps", "formed")
     return (f"{where}; torch {info['torch']}, scikit-learn {info['sklearn']}, "
-            f"skmerge {info['skmerge']}, Python {info['python']}; {info['date']}{load}.")
+            f"skmerge {info['skmerge']} (default placement ``taps=\"{taps}\"``), Python {info['python']}; "
+            f"{info['date']}{load}.")
 
 
 # --------------------------------------------------------------------------

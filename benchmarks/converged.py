@@ -14,22 +14,22 @@ together are merged with
 * the CCA of the reference code as a formula (``_reference_cca.RidgeCCAAligner``:
   the absolute ridge ``S + gamma I`` instead of skmerge's scale-free
   shrinkage), ``gamma`` picked from the reference's grid ``1e-6 ... 1e7`` on the
-  same held-out data, with the default placement only (where the reference
-  code observes the features too),
+  same held-out data, observed at ``formed`` (where the reference code
+  observes the features),
 * REPAIR (``repair=True``) after ``PermutationAligner()`` and after
-  ``CCAAligner()``, default placement, on the families without BatchNorm
+  ``CCAAligner()``, observed at ``formed``, on the families without BatchNorm
   (where the re-estimated BatchNorm statistics are not already a
   renormalization of every channel),
-* an ablation, with the default placement only: ``CCAAligner()`` with the
+* an ablation, at ``formed`` only: ``CCAAligner()`` with the
   per-channel scales (BatchNorm weights; ``ParamSlice.scale``) transformed
   as vectors (``mapping.T @ s``) instead of by the diagonal of
   ``inverse_mapping @ diag(s) @ mapping``,
 
 each with the spaces observed at four placements
-(:func:`skmerge.graph.find_spaces` ``taps=``): ``"formed"`` (the default:
-where the features are formed, before any pooling), ``"consumers"`` (at the
-inputs of the layers that read them, after pooling), ``"both"`` (the two
-pooled together) and ``"pre_and_post_activation"`` (where they are formed and
+(:func:`skmerge.graph.find_spaces` ``taps=``): ``"formed"`` (where the
+features are formed, before any pooling, as in the paper), ``"consumers"``
+(at the inputs of the layers that read them, after pooling), ``"both"`` (the
+two pooled together; skmerge's default) and ``"pre_and_post_activation"`` (where they are formed and
 at the inputs of the nonlinearities on the way, pooled). Alignment data: 3,000 held-out training images; BatchNorm
 statistics re-estimated on them; test accuracy on the 10,000 test images.
 
@@ -70,6 +70,7 @@ from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, 
 from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
 from skmerge.batchnorm import has_batchnorm  # noqa: E402
 from skmerge.graph import find_spaces  # noqa: E402
+from skmerge.graph._walk import DEFAULT_TAPS  # noqa: E402
 
 OUTPUT = RESULTS / "converged.json"
 TAPS = ("formed", "consumers", "both", "pre_and_post_activation")
@@ -86,9 +87,9 @@ def parse_args(argv=None):
     parser.add_argument("--taps", default=",".join(TAPS), help=f"comma-separated, from {', '.join(TAPS)}")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="comma-separated, from main (every aligner and placement), reference (the "
-                             "ridge CCA of the reference code, default placement), reference-both (the same "
+                             "ridge CCA of the reference code, at formed), reference-both (the same "
                              "observed at taps=both) and repair (REPAIR after "
-                             "permutation and CCA, default placement, families without BatchNorm) and "
+                             "permutation and CCA, at formed, families without BatchNorm) and "
                              "dead-channels (per model, the share of ReLU channels never active on the "
                              "alignment images); results of parts not run are kept")
     parser.add_argument("--missing", action="store_true",
@@ -292,7 +293,7 @@ def _pct(values) -> str:
 
 
 def _reference_cells(entries, taps: str) -> list[str]:
-    """The ridge CCA's cells: on the default placement's row, where every set has them."""
+    """The ridge CCA's cells: on the ``formed`` rows (where it is observed), where every set has them."""
     if taps != "formed" or not all("reference" in e for e in entries):
         return ["-", "-"]
     gammas = sorted({e["reference"]["ridge_cca_gamma"] for e in entries})
@@ -337,7 +338,7 @@ def tables(results: dict) -> tuple[str, str]:
 
 
 def repair_table(results: dict) -> str:
-    """Permutation and CCA with and without REPAIR (default placement), sets where both were run."""
+    """Permutation and CCA with and without REPAIR (at ``formed``), sets where both were run."""
     header = ["models", "merged", "base (mean)", "permutation", "permutation + REPAIR", "CCA (r=0.3)",
               "CCA (r=0.3) + REPAIR", "best, % of base"]
     rows = []
@@ -446,43 +447,50 @@ METHODS = {"permutation": "permutation", "cca_default": "CCA (r=0.3)", "cca_tune
 
 def findings(results: dict) -> str:
     """The ordering of the methods per family and number of models, in words (generated)."""
-    lines = ["What the table shows, with the default placement (``formed``) unless said otherwise:", ""]
+    lines = [f"What the table shows, at skmerge's default placement (``{DEFAULT_TAPS}``) on the sets "
+             "measured there, the other placements against it on the same sets:", ""]
     for _, fam in _in_order(results):
         for size in sorted({len(k.split("+")) for k in fam["sets"]}):
-            entries = [e for k, e in fam["sets"].items() if len(k.split("+")) == size and "formed" in e]
+            every = [e for k, e in fam["sets"].items() if len(k.split("+")) == size]
+            entries = [e for e in every if DEFAULT_TAPS in e]
             if not entries:
                 continue
-            means = {m: float(np.mean([e["formed"][m] for e in entries])) for m in METHODS}
+            at = [e[DEFAULT_TAPS] for e in entries]
+            means = {m: float(np.mean([a[m] for a in at])) for m in METHODS}
             order = sorted(means, key=means.get, reverse=True)
             base = float(np.mean([e["base_mean"] for e in entries]))
-            wins = sum(e["formed"]["cca_default"] >= e["formed"]["permutation"] for e in entries)
-            text = (f"- {fam['label']}, {size} models: " +
+            wins = sum(a["cca_default"] >= a["permutation"] for a in at)
+            sets = f"{len(entries)} set{'s' if len(entries) > 1 else ''}"
+            text = (f"- {fam['label']}, {size} models" +
+                    (f" ({sets} of {len(every)})" if len(entries) < len(every) else "") + ": " +
                     " > ".join(f"{METHODS[m]} {100 * means[m]:.1f}" for m in order) +
                     f"; the best keeps {100 * means[order[0]] / base:.0f} % of the base accuracy "
-                    f"({100 * base:.1f}); CCA (r=0.3) at least as good as permutation in {wins} of "
-                    f"{len(entries)} set{'s' if len(entries) > 1 else ''}.")
+                    f"({100 * base:.1f}); CCA (r=0.3) at least as good as permutation in {wins} of {sets}.")
             deltas = []
-            for t in TAPS[1:]:
-                both = [e for e in entries if t in e]  # the sets measured at both placements
-                if not both:
+            for t in (t for t in TAPS if t != DEFAULT_TAPS):
+                paired = [e for e in entries if t in e]
+                if not paired:
                     continue
-                d = {m: 100 * float(np.mean([e[t][m] - e["formed"][m] for e in both]))
+                d = {m: 100 * float(np.mean([e[t][m] - e[DEFAULT_TAPS][m] for e in paired]))
                      for m in ("permutation", "cca_default")}
                 deltas.append(f"``{t}`` {d['permutation']:+.1f} (permutation) / "
                               f"{d['cca_default']:+.1f} (CCA)" +
-                              (f" on {len(both)} of the sets" if len(both) < len(entries) else ""))
+                              (f" on {len(paired)} of the sets" if len(paired) < len(entries) else ""))
             if deltas:
-                text += " Other placements, points against ``formed``: " + ", ".join(deltas) + "."
+                text += f" Other placements, points against ``{DEFAULT_TAPS}``: " + ", ".join(deltas) + "."
             if all("reference" in e for e in entries):
                 ridge = 100 * float(np.mean([e["reference"]["ridge_cca"] for e in entries]))
-                beats = sum(e["formed"]["cca_default"] >= e["reference"]["ridge_cca"] for e in entries)
-                tuned = sum(e["formed"]["cca_tuned"] >= e["reference"]["ridge_cca"] for e in entries)
-                text += (f" The reference's ridge CCA with its best gamma gets {ridge:.1f}; CCA (r=0.3) at "
-                         f"least as good in {beats} of {len(entries)}, CCA (tuned r) in {tuned}.")
-            if all("cca_scales_as_vectors" in e["formed"] for e in entries):
-                vec = 100 * float(np.mean([e["formed"]["cca_scales_as_vectors"] for e in entries]))
-                text += (f" With the scales transformed as vectors CCA (r=0.3) gets {vec:.1f} "
-                         f"({100 * means['cca_default'] - vec:+.1f} points for the diagonal rule).")
+                beats = sum(a["cca_default"] >= e["reference"]["ridge_cca"] for a, e in zip(at, entries))
+                tuned = sum(a["cca_tuned"] >= e["reference"]["ridge_cca"] for a, e in zip(at, entries))
+                text += (f" The reference's ridge CCA with its best gamma (observed at ``formed``, where "
+                         f"the reference code observes) gets {ridge:.1f}; CCA (r=0.3) at least as good in "
+                         f"{beats} of {len(entries)}, CCA (tuned r) in {tuned}.")
+            formed = [e["formed"] for e in every if "formed" in e]
+            if formed and all("cca_scales_as_vectors" in f for f in formed):
+                vec = 100 * float(np.mean([f["cca_scales_as_vectors"] for f in formed]))
+                diag = 100 * float(np.mean([f["cca_default"] for f in formed]))
+                text += (f" At ``formed``, with the scales transformed as vectors CCA (r=0.3) gets "
+                         f"{vec:.1f} ({diag - vec:+.1f} points for the diagonal rule).")
             lines.append(text)
     return "\n".join(lines) + "\n"
 

@@ -201,8 +201,10 @@ examples:
   skmerge train --model vgg11 --dataset fashion-mnist --split disjoint --out runs/fm/
 """
 
-#: find_spaces' tap placements (skmerge.graph._walk.TAPS, repeated: the parser does not import torch)
+#: find_spaces' tap placements and the default (skmerge.graph._walk.TAPS and DEFAULT_TAPS,
+#: repeated: the parser does not import torch)
 MERGE_TAPS = ("formed", "consumers", "both", "pre_and_post_activation")
+MERGE_DEFAULT_TAPS = "both"
 
 _MERGE_DESCRIPTION = """\
 Merge two or more checkpoints of one architecture into one. The feature
@@ -374,10 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="align the feature spaces whose name matches the shell pattern with "
                             f"another aligner ({', '.join(ALIGNERS)}), e.g. '*mlp*=permutation'; "
                             "repeatable, the first match wins (ModelMerger's space_aligners)")
-    merge.add_argument("--taps", choices=MERGE_TAPS, default="formed",
+    merge.add_argument("--taps", choices=MERGE_TAPS, default=MERGE_DEFAULT_TAPS,
                        help="where the feature spaces are observed: where their features are formed, "
                             "at the inputs of the layers that read them, both, or where they are formed "
-                            "and at the inputs of their nonlinearities (default: formed)")
+                            f"and at the inputs of their nonlinearities (default: {MERGE_DEFAULT_TAPS})")
     merge.add_argument("--reference", type=_int_at_least(0), default=0, metavar="K",
                        help="index of the checkpoint the others are aligned to (default: 0)")
     merge.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,...",

@@ -33,7 +33,7 @@ from .graph import AveragingFallbackWarning, Space, apply_transforms
 from .graph._apply import normalize_transforms, slices_by_tensor, transform_tensor
 from .graph._export import meta_copy
 from .graph._find import analyze
-from .graph._walk import check_taps
+from .graph._walk import DEFAULT_TAPS, check_taps
 from .graph._permute import verify_spaces
 from .graph._runner import GraphRunner, model_tensors, runner_for
 from .repair import channel_maps_of, repair_
@@ -131,15 +131,16 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
     spaces : list of skmerge.graph.Space, optional
         Feature spaces given by hand (for models that torch.export cannot
         capture); found automatically when None.
-    taps : {"formed", "consumers", "both", "pre_and_post_activation"}, default="formed"
+    taps : {"formed", "consumers", "both", "pre_and_post_activation"}, default="both"
         Where the spaces found automatically are observed
         (:func:`~skmerge.graph.find_spaces`' ``taps``): where their features
         are formed (after the nonlinearity, before any pooling, as in the
         CCA Merge paper), at the inputs of the layers that read them (after
-        pooling and flattening), both, pooled, or where they are formed and
-        at the inputs of their nonlinearities, pooled. The measured best differs
-        by model and aligner (:ref:`benchmarks-converged`); only used when
-        ``spaces`` is None.
+        pooling and flattening), both, pooled (the default: the best CCA
+        merges measured), or where they are formed and at the inputs of
+        their nonlinearities, pooled. The measured best differs by model and
+        aligner (:ref:`benchmarks-converged`); only used when ``spaces`` is
+        None.
     self_check : {"auto"} or bool, default="auto"
         Before merging, check that permuting every space at random (whole
         heads of an attention layer included) leaves the reference model's
@@ -218,7 +219,7 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         batch_size: int = 128,
         device="auto",
         spaces=None,
-        taps: str = "formed",
+        taps: str = DEFAULT_TAPS,
         self_check: bool | str = "auto",
         precision: str = "auto",
         verbose: bool = False,
@@ -572,10 +573,10 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
 
     def _spaces(self, reference_model: nn.Module, example: torch.Tensor | None):
         """The spaces (given or found on the reference) and the runner that observes them."""
-        taps = getattr(self, "taps", "formed")  # absent in mergers pickled before it existed
+        taps = getattr(self, "taps", DEFAULT_TAPS)  # absent in mergers pickled before it existed
         check_taps(taps)
         if self.spaces is not None:
-            if taps != "formed":
+            if taps != DEFAULT_TAPS:
                 raise ValueError(f"taps={taps!r} places the taps of the spaces found automatically; "
                                  "spaces given by hand carry their own taps. Pass one or the other.")
             spaces = list(self.spaces)

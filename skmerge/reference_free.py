@@ -44,6 +44,7 @@ from ._memory import available_bytes
 from ._validation import check_nonnegative_real, check_positive_int
 from .aligners import CCAAligner, PermutationAligner
 from .graph import Space
+from .graph._walk import DEFAULT_TAPS
 from ._blocks import BlockAligner as _BlockAligner, match_heads
 from .merge import ModelMerger
 from ._space_aligners import aligner_for, check_space_aligners
@@ -420,7 +421,7 @@ class ReferenceFreeMerger(ModelMerger):
         Where the forward passes, statistics and linear algebra run.
     spaces : list of skmerge.graph.Space, optional
         Feature spaces given by hand; found automatically when None.
-    taps : {"formed", "consumers", "both"}, default="formed"
+    taps : {"formed", "consumers", "both", "pre_and_post_activation"}, default="both"
         Where the spaces found automatically are observed (see
         :class:`~skmerge.ModelMerger`).
     self_check : {"auto"} or bool, default="auto"
@@ -550,7 +551,7 @@ class ReferenceFreeMerger(ModelMerger):
         batch_size: int = 128,
         device="auto",
         spaces=None,
-        taps: str = "formed",
+        taps: str = DEFAULT_TAPS,
         self_check: bool | str = "auto",
         precision: str = "auto",
         verbose: bool = False,

@@ -39,6 +39,7 @@ from ._zip_match import joint_correlation, zip_match
 from .aligners import PermutationAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
 from .graph import Space, apply_transforms
+from .graph._walk import DEFAULT_TAPS
 from .merge import ModelMerger, _module_with_state, _normalized_weights
 from .reference_free import JointCovariance, _joint_bytes
 
@@ -122,7 +123,7 @@ class ZipItMerger(ModelMerger):
         Where the forward passes, statistics and matching run.
     spaces : list of skmerge.graph.Space, optional
         Feature spaces given by hand; found automatically when None.
-    taps : {"formed", "consumers", "both"}, default="formed"
+    taps : {"formed", "consumers", "both", "pre_and_post_activation"}, default="both"
         Where the spaces found automatically are observed (see
         :class:`~skmerge.ModelMerger`).
     self_check : {"auto"} or bool, default="auto"
@@ -226,7 +227,7 @@ class ZipItMerger(ModelMerger):
         batch_size: int = 128,
         device="auto",
         spaces=None,
-        taps: str = "formed",
+        taps: str = DEFAULT_TAPS,
         self_check: bool | str = "auto",
         precision: str = "auto",
         verbose: bool = False,

@@ -226,10 +226,10 @@ def test_merge_options(capsys, trained, tmp_path):
 
 def test_merge_taps_are_passed_to_the_merger_and_recorded(capsys, trained, tmp_path, monkeypatch):
     from skmerge import ModelMerger
-    from skmerge.cli import MERGE_TAPS
-    from skmerge.graph._walk import TAPS
+    from skmerge.cli import MERGE_DEFAULT_TAPS, MERGE_TAPS
+    from skmerge.graph._walk import DEFAULT_TAPS, TAPS
 
-    assert MERGE_TAPS == TAPS
+    assert MERGE_TAPS == TAPS and MERGE_DEFAULT_TAPS == DEFAULT_TAPS
     seen, find = [], ModelMerger._spaces
 
     def spy(self, *args):

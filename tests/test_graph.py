@@ -96,7 +96,7 @@ def test_mlp_spaces():
 
 
 def test_vgg_spaces_and_flatten_block():
-    spaces = find_spaces(_make("vgg"), _x("vgg"))
+    spaces = find_spaces(_make("vgg"), _x("vgg"), taps="formed")
     assert [(s.name, s.dim) for s in spaces] == [
         ("features.0", 4),
         ("features.4", 8),
@@ -126,7 +126,7 @@ def test_vgg_spaces_and_flatten_block():
 
 
 def test_cifar_resnet_residual_streams_are_single_spaces():
-    spaces = find_spaces(_make("resnet"), _x("resnet"))
+    spaces = find_spaces(_make("resnet"), _x("resnet"), taps="formed")
     assert len(spaces) == 3 + 3 * 2
     names = _by_name(spaces)
     stream1 = names["conv1 (+2 joined)"]
@@ -147,6 +147,13 @@ def test_cifar_resnet_residual_streams_are_single_spaces():
     assert [t.module for t in stream2.taps] == ["layer2.0", "layer2.1"]
     stream3 = names["layer3.0.conv2 (+2 joined)"]
     assert stream3.dim == 16 and [t.module for t in stream3.taps] == ["layer3.0", "layer3.1"]
+    # taps="both" (the default) adds only the head's input, the average-pooled last stream: nothing
+    # else pools between a space's producers and its consumers
+    both = find_spaces(_make("resnet"), _x("resnet"))
+    assert [s.taps for s in both if s is not both[-1] and s.name != stream3.name] == [
+        s.taps for s in spaces if s is not spaces[-1] and s.name != stream3.name]
+    (extra,) = [t for t in _by_name(both)[stream3.name].taps if t not in stream3.taps]
+    assert extra.node == "flatten"
     for stage in (1, 2, 3):
         for block in (0, 1):
             inner = names[f"layer{stage}.{block}.conv1"]
@@ -156,7 +163,7 @@ def test_cifar_resnet_residual_streams_are_single_spaces():
 
 
 def test_resnet18_like_spaces():
-    spaces = find_spaces(_make("resnet18"), _x("resnet18"))
+    spaces = find_spaces(_make("resnet18"), _x("resnet18"), taps="formed")
     assert len(spaces) == 4 + 8
     names = _by_name(spaces)
     streams = [
@@ -176,7 +183,7 @@ def test_resnet18_like_spaces():
 
 
 def test_catnet_concatenation_gives_one_space_per_part():
-    spaces = find_spaces(_make("cat"), _x("cat"))
+    spaces = find_spaces(_make("cat"), _x("cat"), taps="formed")
     a, b, mix = spaces
     assert (a.name, a.dim, b.name, b.dim, mix.name, mix.dim) == ("branch_a", 4, "branch_b", 6, "mix", 8)
     # each branch at its ReLU and at the BatchNorm over the concatenation (its own channel range)
@@ -405,11 +412,12 @@ def test_tap_extract_reads_blocks_and_offsets():
 
 
 def test_taps_observe_the_formed_features_and_the_consumer_inputs_on_request():
-    """"formed" (the default) taps the ReLU output; "consumers" the flattened head input."""
+    """"formed" taps the ReLU output; "consumers" the flattened head input; "both" (the default) the two."""
     model, x = _make("vgg"), _x("vgg")
-    formed = find_spaces(model, x)[2]
+    formed = find_spaces(model, x, taps="formed")[2]
     consumers = find_spaces(model, x, taps="consumers")[2]
     both = find_spaces(model, x, taps="both")
+    assert [s.taps for s in find_spaces(model, x)] == [s.taps for s in both]
     assert [t.module for t in formed.taps] == ["features.10"]
     (head,) = consumers.taps
     assert head.axes == (1,) and tuple(head.index.shape) == (8, 4)  # flatten of (8, 2, 2)
@@ -431,7 +439,7 @@ def test_pre_and_post_activation_taps_add_the_input_of_each_nonlinearity_on_the_
     """A conv-BN-ReLU block gains its BatchNorm output, a residual stream each block's addition before
     its ReLU; spaces without a nonlinearity keep their formed taps only."""
     model, x = _make("resnet"), _x("resnet")
-    formed = find_spaces(model, x)
+    formed = find_spaces(model, x, taps="formed")
     both = find_spaces(model, x, taps="pre_and_post_activation")
     assert [s.name for s in both] == [s.name for s in formed]
     for plain, doubled in zip(formed, both):
@@ -578,7 +586,7 @@ def test_embedding_and_token_streams():
     torch.manual_seed(0)
     model = TokenNet().double()
     idx = torch.randint(0, 10, (3, 5))
-    (space,) = find_spaces(model, idx)
+    (space,) = find_spaces(model, idx, taps="formed")
     assert space.name == "emb (+1 joined)"
     assert ParamSlice("emb.weight", 1, torch.arange(6)) in space.producers
     assert [t.module for t in space.taps] == ["emb", "norm"]  # the embedding and the stream

@@ -338,7 +338,7 @@ def test_taps_place_the_observations_of_the_spaces_found_automatically(taps):
     placed = ModelMerger(models, CCAAligner(), device="cpu", taps=taps).fit(inputs)
     by_hand = ModelMerger(models, CCAAligner(), device="cpu",
                           spaces=find_spaces(models[0], inputs[:2], taps=taps)).fit(inputs)
-    formed = ModelMerger(models, CCAAligner(), device="cpu").fit(inputs)
+    formed = ModelMerger(models, CCAAligner(), device="cpu", taps="formed").fit(inputs)
     assert [s.taps for s in placed.spaces_] == [s.taps for s in by_hand.spaces_]
     for (key, a), b in zip(placed.merged_model_.state_dict().items(), by_hand.merged_model_.state_dict().values()):
         assert torch.equal(a, b), key
@@ -430,11 +430,12 @@ def test_taps_are_validated_and_need_a_fit():
         ModelMerger(models, device="cpu", taps="inputs").fit(inputs)
     spaces = find_spaces(models[0], inputs[:2])
     with pytest.raises(ValueError, match="spaces given by hand carry their own taps"):
-        ModelMerger(models, device="cpu", spaces=spaces, taps="both").fit(inputs)
+        ModelMerger(models, device="cpu", spaces=spaces, taps="formed").fit(inputs)
     merger = ModelMerger(models, device="cpu").fit(inputs)
     with pytest.raises(ValueError, match=r"refit cannot change \['taps'\]"):
-        merger.refit(inputs, taps="both")
-    assert clone(ModelMerger(models, taps="both")).get_params()["taps"] == "both"
+        merger.refit(inputs, taps="formed")
+    assert clone(ModelMerger(models, taps="formed")).get_params()["taps"] == "formed"
+    assert ModelMerger(models).get_params()["taps"] == "both"
 
 
 def test_precision_follows_the_models_and_single_matches_double():

@@ -263,7 +263,7 @@ def test_resnet20_observed_before_and_after_its_relus_merges_a_permuted_copy_exa
     torch.manual_seed(0)
     model = _archs.randomize_batchnorm(get_model("resnet20", width=0.5, in_channels=1, num_classes=10), 0).eval()
     x = torch.randn(64, 1, 28, 28)
-    formed = find_spaces(model, x[:4])
+    formed = find_spaces(model, x[:4], taps="formed")
     pooled = find_spaces(model, x[:4], taps="pre_and_post_activation")
     assert [len(s.taps) for s in pooled] == [2 * len(s.taps) for s in formed]
     for space in pooled:

@@ -13,7 +13,7 @@ from ._collect import collect
 from ._export import Traced, as_args, trace
 from ._runner import GraphRunner, check_graph
 from ._spaces import _HAND_HINT, Space, UnsupportedOperationError
-from ._walk import Walker, check_taps
+from ._walk import DEFAULT_TAPS, Walker, check_taps
 
 __all__ = ["find_spaces", "analyze", "architecture_key"]
 
@@ -28,7 +28,7 @@ _CACHE_SIZE = 16
 _LOCK = threading.Lock()
 
 
-def architecture_key(model: nn.Module, example_args: tuple, taps: str = "formed"):
+def architecture_key(model: nn.Module, example_args: tuple, taps: str = DEFAULT_TAPS):
     """What an export depends on: the class, the modules, the tensors' layout, the input's shapes."""
     modules = tuple((name, type(m), m.extra_repr(), len(m._forward_hooks), len(m._forward_pre_hooks))
                     for name, m in model.named_modules())
@@ -40,7 +40,7 @@ def architecture_key(model: nn.Module, example_args: tuple, taps: str = "formed"
     return (type(model), modules, tensors, inputs, taps)
 
 
-def analyze(model: nn.Module, example_input, taps: str = "formed", cache: bool = True
+def analyze(model: nn.Module, example_input, taps: str = DEFAULT_TAPS, cache: bool = True
             ) -> tuple[Traced, list[Space]]:
     """Trace ``model`` and find its spaces; the traced graph is kept to observe the taps."""
     check_taps(taps)  # before the export, which is the slow part
@@ -78,7 +78,7 @@ def analyze(model: nn.Module, example_input, taps: str = "formed", cache: bool =
 
 
 
-def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> list[Space]:
+def find_spaces(model: nn.Module, example_input, *, taps: str = DEFAULT_TAPS) -> list[Space]:
     """Find the feature spaces of a model automatically.
 
     The model is captured with :func:`torch.export.export` (non-strict, on a
@@ -101,7 +101,7 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         copy of its tensors.
     example_input : torch.Tensor or tuple of torch.Tensor
         A small batch the model accepts (only its shapes and dtypes are used).
-    taps : {"formed", "consumers", "both", "pre_and_post_activation"}, default="formed"
+    taps : {"formed", "consumers", "both", "pre_and_post_activation"}, default="both"
         Where each space is observed. ``"formed"``: where its features are
         formed, at the output of the nonlinearity that follows each producer
         (or of the producer or its norm), over all positions, before any
@@ -109,15 +109,18 @@ def find_spaces(model: nn.Module, example_input, *, taps: str = "formed") -> lis
         at every block output. ``"consumers"``: the inputs of the layers that
         read the space (after pooling and flattening), or where it is formed
         when no layer reads it as its input (attention's query-key spaces).
-        ``"both"``: all of them, pooled, each sample once (a layer input that
-        only rearranges a formed tensor, such as a flatten, adds none).
+        ``"both"`` (the default): all of them, pooled, each sample once (a
+        layer input that only rearranges a formed tensor, such as a flatten,
+        adds none); where nothing pools between a space's producers and its
+        consumers it observes the same tensors as ``"formed"``.
         ``"pre_and_post_activation"``: where the features are formed and, for
         every nonlinearity on the way there (ReLU, GELU, SiLU, tanh, ...: the
         ops of ``rules.elementwise.ACTIVATIONS``), at its input too, pooled
         (a conv-BN-ReLU block at the BatchNorm output and at the ReLU
         output; a residual stream before and after each block's final ReLU).
-        The default is the paper's placement; which one merges best depends on
-        the model and the aligner (measured on the benchmarks page).
+        The default gave the best CCA merges on the converged benchmark
+        models; which placement merges best depends on the model and the
+        aligner (measured on the benchmarks page).
         ``ModelMerger(taps=...)`` passes it on.
 
     Returns
