@@ -304,7 +304,7 @@ class RegMean(_Combination):
     with other settings than its own, gets a pass of its own through a
     structural copy), not derived from the feature spaces' statistics: those are
     observed where features are formed (before pooling or flattening) and
-    are centered, and a convolution reads patches of channels, so in general
+    at the layers' inputs, pooled over both, and are centered, and a convolution reads patches of channels, so in general
     they are not the Gram matrix of what a layer multiplies. Directions that
     no model's inputs reach keep the weighted average of the layers.
     """

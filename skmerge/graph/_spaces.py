@@ -250,8 +250,9 @@ class GraphTap:
     Taps are placed where a space's features are formed: at the output of the
     nonlinearity that follows each layer producing the space (or of the layer,
     or its norm, when none follows), over all positions, before any pooling,
-    strided or shape-changing op. A residual stream is observed at the output
-    of every block that writes to it.
+    strided or shape-changing op; by default (``find_spaces(taps="both")``)
+    also at the inputs of the layers that read the space. A residual stream
+    is observed at the output of every block that writes to it.
 
     Parameters
     ----------
