@@ -29,8 +29,9 @@ each with the spaces observed at four placements
 (:func:`skmerge.graph.find_spaces` ``taps=``): ``"formed"`` (where the
 features are formed, before any pooling, as in the paper), ``"consumers"``
 (at the inputs of the layers that read them, after pooling), ``"both"`` (the
-two pooled together; skmerge's default) and ``"pre_and_post_activation"`` (where they are formed and
-at the inputs of the nonlinearities on the way, pooled). Alignment data: 3,000 held-out training images; BatchNorm
+two pooled together; skmerge's default) and ``"pre_and_post_activation"``
+(where they are formed and at the inputs of the nonlinearities on the way,
+pooled). Alignment data: 3,000 held-out training images; BatchNorm
 statistics re-estimated on them; test accuracy on the 10,000 test images.
 
 Writes ``benchmarks/results/converged.json`` and
@@ -70,10 +71,9 @@ from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, 
 from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
 from skmerge.batchnorm import has_batchnorm  # noqa: E402
 from skmerge.graph import find_spaces  # noqa: E402
-from skmerge.graph._walk import DEFAULT_TAPS  # noqa: E402
+from skmerge.graph._walk import DEFAULT_TAPS, TAPS  # noqa: E402
 
 OUTPUT = RESULTS / "converged.json"
-TAPS = ("formed", "consumers", "both", "pre_and_post_activation")
 #: Regularization grid of the tuned CCA (chosen on the validation images).
 GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 N_ALIGN = 3000

@@ -302,10 +302,11 @@ class RegMean(_Combination):
     merger's alignment pass (the graph runner reports the input of every
     ``linear`` / ``conv`` call; a layer it cannot report, e.g. one called
     with other settings than its own, gets a pass of its own through a
-    structural copy), not derived from the feature spaces' statistics: those are
-    observed where features are formed (before pooling or flattening) and
-    at the layers' inputs, pooled over both, and are centered, and a convolution reads patches of channels, so in general
-    they are not the Gram matrix of what a layer multiplies. Directions that
+    structural copy), not derived from the feature spaces' statistics: those
+    pool where features are formed (before pooling or flattening) with the
+    layers' inputs and are centered, and a convolution reads patches of
+    channels, so in general they are not the Gram matrix of what a layer
+    multiplies. Directions that
     no model's inputs reach keep the weighted average of the layers.
     """
 

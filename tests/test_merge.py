@@ -436,6 +436,8 @@ def test_taps_are_validated_and_need_a_fit():
         merger.refit(inputs, taps="formed")
     assert clone(ModelMerger(models, taps="formed")).get_params()["taps"] == "formed"
     assert ModelMerger(models).get_params()["taps"] == "both"
+    from skmerge import ReferenceFreeMerger, ZipItMerger
+    assert ZipItMerger(models).get_params()["taps"] == ReferenceFreeMerger(models).get_params()["taps"] == "both"
 
 
 def test_precision_follows_the_models_and_single_matches_double():
