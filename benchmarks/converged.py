@@ -20,6 +20,10 @@ together are merged with
   ``CCAAligner()``, observed at ``formed``, on the families without BatchNorm
   (where the re-estimated BatchNorm statistics are not already a
   renormalization of every channel),
+* ``OptimalTransportAligner()`` and ``ProcrustesAligner()`` at the default
+  placement (``--parts aligners``; the second a ``ModelMerger.refit`` of the
+  first one's statistics): which of skmerge's aligners keeps the most of the
+  base accuracy,
 * an ablation, at ``formed`` only: ``CCAAligner()`` with the
   per-channel scales (BatchNorm weights; ``ParamSlice.scale``) transformed
   as vectors (``mapping.T @ s``) instead of by the diagonal of
@@ -35,7 +39,7 @@ pooled). Alignment data: 3,000 held-out training images; BatchNorm
 statistics re-estimated on them; test accuracy on the 10,000 test images.
 
 Writes ``benchmarks/results/converged.json`` and
-``docs/_generated/benchmarks/converged_{meta,tables,findings,repair,placements}.inc``. Run::
+``docs/_generated/benchmarks/converged_{meta,tables,findings,repair,placements,aligners}.inc``. Run::
 
     python benchmarks/converged.py                    # every family: ResNet20 x1 about 15 min per placement, VGG11 x1/4 1-3 min
     python benchmarks/converged.py --families resnet20-x1 --taps formed
@@ -43,6 +47,7 @@ Writes ``benchmarks/results/converged.json`` and
     python benchmarks/converged.py --parts reference  # only the ridge CCA column, other results kept
     python benchmarks/converged.py --parts reference-both --missing  # the ridge CCA observed at taps=both
     python benchmarks/converged.py --parts repair --missing  # only the REPAIR columns
+    python benchmarks/converged.py --parts aligners --missing  # only optimal transport and Procrustes
     python benchmarks/converged.py --families resnet20-x2 --missing --sets 1+2,0+3  # some sets; runs
                                                       # of one family with other --sets may share the machine
     python benchmarks/converged.py --tables-only      # rewrite the tables from the json
@@ -68,7 +73,8 @@ from _reference_cca import GAMMAS, RidgeCCAAligner  # noqa: E402
 from _base_models import FAMILIES, accuracy, available_seeds, load_base_models  # noqa: E402
 from _common import (GENERATED, RESULTS, machine_info, machine_line, read_json, rst_table,  # noqa: E402
                      setup_torch, update_families, write_text)
-from skmerge import CCAAligner, IdentityAligner, ModelMerger, PermutationAligner  # noqa: E402
+from skmerge import (CCAAligner, IdentityAligner, ModelMerger, OptimalTransportAligner,  # noqa: E402
+                     PermutationAligner, ProcrustesAligner)
 from skmerge.batchnorm import has_batchnorm  # noqa: E402
 from skmerge.graph import find_spaces  # noqa: E402
 from skmerge.graph._walk import DEFAULT_TAPS, TAPS  # noqa: E402
@@ -77,7 +83,10 @@ OUTPUT = RESULTS / "converged.json"
 #: Regularization grid of the tuned CCA (chosen on the validation images).
 GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 N_ALIGN = 3000
-PARTS = ("main", "reference", "reference-both", "repair", "dead-channels")
+PARTS = ("main", "reference", "reference-both", "repair", "aligners", "dead-channels")
+#: The aligners of ``--parts aligners`` (key, label, aligner), at the default placement.
+OTHER_ALIGNERS = (("optimal_transport", "optimal transport", OptimalTransportAligner),
+                  ("procrustes", "Procrustes", ProcrustesAligner))
 
 
 def parse_args(argv=None):
@@ -89,7 +98,8 @@ def parse_args(argv=None):
                         help="comma-separated, from main (every aligner and placement), reference (the "
                              "ridge CCA of the reference code, at formed), reference-both (the same "
                              "observed at taps=both) and repair (REPAIR after "
-                             "permutation and CCA, at formed, families without BatchNorm) and "
+                             "permutation and CCA, at formed, families without BatchNorm), aligners "
+                             "(optimal transport and Procrustes at the default placement) and "
                              "dead-channels (per model, the share of ReLU channels never active on the "
                              "alignment images); results of parts not run are kept")
     parser.add_argument("--missing", action="store_true",
@@ -168,6 +178,21 @@ def repair_set(models, spaces, align, test) -> dict:
         for name, aligner in (("permutation", PermutationAligner()), ("cca_default", CCAAligner())):
             merger = ModelMerger(models, aligner, spaces=spaces, repair=True, device="cpu", verbose=False)
             out[name] = accuracy(merger.fit(align).merged_model_, test)
+    return out
+
+
+def aligners_set(models, spaces, align, test) -> dict:
+    """Optimal transport and Procrustes (their default settings): one statistics pass, then a refit."""
+    out = {"taps": DEFAULT_TAPS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merger = None
+        for key, _, make in OTHER_ALIGNERS:
+            if merger is None:
+                merger = ModelMerger(models, make(), spaces=spaces, device="cpu", verbose=False).fit(align)
+            else:
+                merger.refit(align, aligner=make())
+            out[key] = accuracy(merger.merged_model_, test)
     return out
 
 
@@ -261,6 +286,13 @@ def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool
             entry["repair"]["seconds"] = round(time.perf_counter() - tick, 1)
             print(f"{family} {key} REPAIR: permutation {100 * entry['repair']['permutation']:.2f}, CCA "
                   f"{100 * entry['repair']['cca_default']:.2f} ({entry['repair']['seconds']} s)", flush=True)
+        if "aligners" in parts and not (missing and "aligners" in entry):
+            tick = time.perf_counter()
+            entry["aligners"] = aligners_set(group, spaces_at(DEFAULT_TAPS), align, test)
+            entry["aligners"]["seconds"] = round(time.perf_counter() - tick, 1)
+            print(f"{family} {key} taps={DEFAULT_TAPS}: " + ", ".join(
+                f"{label} {100 * entry['aligners'][k]:.2f}" for k, label, _ in OTHER_ALIGNERS) +
+                f" ({entry['aligners']['seconds']} s)", flush=True)
         for taps in taps_list if "main" in parts else ():
             if missing and taps in entry:
                 continue
@@ -358,6 +390,29 @@ def repair_table(results: dict) -> str:
                          _pct([e["base_mean"] for e in entries]), *(_pct(v) for v in cells.values()),
                          f"{100 * best / base:.0f}"])
     return rst_table(header, rows, stub_columns=1) if rows else "(no REPAIR results yet)\n"
+
+
+def aligners_table(results: dict) -> str:
+    """Every aligner at the default placement on the sets where the other aligners were run."""
+    header = ["models", "merged", "base (mean)", "permutation", "CCA (r=0.3)",
+              *(label for _, label, _ in OTHER_ALIGNERS), "best", "best, % of base"]
+    labels = {"permutation": "permutation", "cca_default": "CCA (r=0.3)",
+              **{k: label for k, label, _ in OTHER_ALIGNERS}}
+    rows = []
+    for _, fam in _in_order(results):
+        for size in sorted({len(k.split("+")) for k in fam["sets"]}):
+            entries = [e for k, e in fam["sets"].items() if len(k.split("+")) == size
+                       and e.get("aligners", {}).get("taps") == DEFAULT_TAPS and DEFAULT_TAPS in e]
+            if not entries:
+                continue
+            cells = {m: [e[DEFAULT_TAPS][m] for e in entries] for m in ("permutation", "cca_default")}
+            cells.update({k: [e["aligners"][k] for e in entries] for k, _, _ in OTHER_ALIGNERS})
+            base = float(np.mean([e["base_mean"] for e in entries]))
+            best = max(cells, key=lambda m: float(np.mean(cells[m])))
+            rows.append([fam["label"], f"{size} ({len(entries)} set{'s' if len(entries) > 1 else ''})",
+                         _pct([e["base_mean"] for e in entries]), *(_pct(v) for v in cells.values()),
+                         labels[best], f"{100 * float(np.mean(cells[best])) / base:.0f}"])
+    return rst_table(header, rows, stub_columns=1) if rows else "(no results of the other aligners yet)\n"
 
 
 def placement_table(results: dict) -> str:
@@ -485,6 +540,15 @@ def findings(results: dict) -> str:
                 text += (f" The reference's ridge CCA with its best gamma (observed at ``formed``, where "
                          f"the reference code observes) gets {ridge:.1f}; CCA (r=0.3) at least as good in "
                          f"{beats} of {len(entries)}, CCA (tuned r) in {tuned}.")
+            if all(e.get("aligners", {}).get("taps") == DEFAULT_TAPS for e in entries):
+                other = {label: 100 * float(np.mean([e["aligners"][k] for e in entries]))
+                         for k, label, _ in OTHER_ALIGNERS}
+                every_aligner = {**{METHODS[m]: 100 * means[m] for m in ("permutation", "cca_default")},
+                                 **other}
+                best = max(every_aligner, key=every_aligner.get)
+                text += (" " + ", ".join(f"{label[0].upper()}{label[1:]} {v:.1f}" for label, v in other.items())
+                         + f"; of every aligner at its default settings, {best} keeps the most "
+                         f"({100 * every_aligner[best] / (100 * base):.0f} % of the base accuracy).")
             formed = [e["formed"] for e in every if "formed" in e]
             if formed and all("cca_scales_as_vectors" in f for f in formed):
                 vec = 100 * float(np.mean([f["cca_scales_as_vectors"] for f in formed]))
@@ -502,6 +566,7 @@ def write_tables(results: dict) -> None:
     write_text(GENERATED / "converged_findings.inc", findings(results))
     write_text(GENERATED / "converged_repair.inc", repair_table(results))
     write_text(GENERATED / "converged_placements.inc", placement_table(results))
+    write_text(GENERATED / "converged_aligners.inc", aligners_table(results))
 
 
 def _keep_their_sets(_name: str, on_disk: dict | None, mine: dict) -> dict:

@@ -17,7 +17,9 @@ Run from the repository root (about a minute on two CPU cores)::
     pip install -e .[plot]
     python benchmarks/diagnostics_figures.py
 
-The numbers quoted in the user guide are the ones this script prints.
+The numbers quoted in the user guide are the ones this script prints; its
+two tables are written as ``docs/_generated/diagnostics_interpolation.inc``
+and ``docs/_generated/diagnostics_accuracy_vs_models.inc``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from skmerge.plotting import (  # noqa: E402
     plot_interpolation,
 )
 from skmerge.training import ensemble_accuracy, evaluate, train_models  # noqa: E402
+
+from _common import rst_table  # noqa: E402  (benchmarks/, next to this script)
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "_generated"
 ALIGNERS = {"Identity": IdentityAligner, "Permutation": PermutationAligner, "CCA": CCAAligner}
@@ -103,6 +107,7 @@ def main() -> None:
             ("VGG11-BN", ModelMerger(vggs, PermutationAligner()).fit(x_train), x_train)]
     fig, axes = plt.subplots(len(rows), 2, figsize=(9.5, 3.0 * len(rows)), constrained_layout=True)
     print("\ninterpolation (test set, 11 points):")
+    table = []
     for (name, merger, x_bn), row in zip(rows, axes):
         path = interpolation_path(merger, *test.tensors, X_bn=x_bn)
         plot_interpolation(path, axes=row)
@@ -117,7 +122,14 @@ def main() -> None:
               f"{path['accuracy_barrier_before']:.3f}, after {path['accuracy_barrier_after']:.3f} | "
               f"alpha=1: model {path['accuracy_before'][-1]:.4f}, aligned model "
               f"{path['accuracy_after'][-1]:.4f}")
+        table.append([name, f"``{path['aligner']}``",
+                      f"{path['accuracy_before'][mid]:.3f} -> {path['accuracy_after'][mid]:.3f}",
+                      f"{path['loss_barrier_before']:.3f} -> {path['loss_barrier_after']:.3f}",
+                      f"{path['accuracy_after'][-1]:.3f} / {path['accuracy_before'][-1]:.3f}"])
     fig.savefig(args.out / "diagnostics_interpolation.png", dpi=110)
+    (args.out / "diagnostics_interpolation.inc").write_text(rst_table(
+        ["models", "aligner", "accuracy at alpha = 0.5 (before -> after)", "loss barrier (before -> after)",
+         "alpha = 1: aligned model / model"], table))
 
     # 3. Accuracy vs number of merged models: random subsets of the pool.
     rng = np.random.default_rng(0)
@@ -137,10 +149,16 @@ def main() -> None:
     fig = plot_accuracy_vs_models(records, baselines={"base models (mean)": float(np.mean(base))})
     fig.savefig(args.out / "diagnostics_accuracy_vs_models.png", dpi=110)
     print("\nmerged accuracy (mean +- std over random subsets):")
-    for label, row in summarize_results(records).items():
+    summary = summarize_results(records)
+    for label, row in summary.items():
         cells = "  ".join(f"{n}: {m:.3f}+-{s:.3f}"
                           for n, m, s in zip(row["n_models"], row["mean"], row["std"]))
         print(f"  {label:<12} {cells}")
+    sizes = next(iter(summary.values()))["n_models"]
+    (args.out / "diagnostics_accuracy_vs_models.inc").write_text(rst_table(
+        ["aligner", *(f"{n} models" for n in sizes)],
+        [[label, *(f"{m:.3f} ± {s:.3f}" for m, s in zip(row["mean"], row["std"]))]
+         for label, row in summary.items()]))
     print(f"\nwrote {args.out}/diagnostics_*.png in {time.perf_counter() - start:.0f} s")
 
 

@@ -98,6 +98,34 @@ def test_non_finite_activations_name_the_space_and_the_model():
         with pytest.raises(ValueError, match=r"space 1 \(hidden\) of model 1"):
             _observe([_Looped(1), broken], x)
 
+@pytest.mark.parametrize("axis", [1, -1])  # -1 reads the (N, C) input as a view, 1 through a copy
+def test_a_module_tap_reads_its_input_before_an_in_place_module_overwrites_it(axis):
+    """The input of ``ReLU(inplace=True)`` is observed as it was, not as the ReLU leaves it."""
+    def make(inplace):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 2)).double()
+
+    x = torch.randn(40, 3, dtype=torch.float64)
+    found = []
+    for inplace in (False, True):
+        models = [make(inplace), make(inplace)]
+        taps = {"1": [(0, Tap("1", axis, dim=6))]}
+        statistics = [ReferenceCovariance(2, reference=0)]
+        observer = BatchObserver(statistics, [SimpleNamespace(name="hidden")], taps,
+                                 ModuleRunner(models[0], list(taps)))
+        with torch.no_grad():
+            for k, model in enumerate(models):
+                observer.run(model_tensors(model), k, x)
+        observer.commit()
+        found.append(statistics[0])
+    with torch.no_grad():
+        pre_activation = make(False)[0](x).numpy()
+    assert (pre_activation < 0).any()  # the ReLU would change what is observed
+    for stats in found:
+        np.testing.assert_allclose(stats.means_[1].numpy(), pre_activation.mean(0), atol=1e-12)
+        np.testing.assert_allclose(stats.covariance(1).numpy(), np.cov(pre_activation.T), atol=1e-12)
+
+
 
 def test_graph_taps_equal_the_values_an_independent_interpreter_records():
     """The graph runner reports each tapped node's value with the given model's tensors."""
