@@ -22,8 +22,9 @@ together are merged with
   renormalization of every channel),
 * ``OptimalTransportAligner()`` and ``ProcrustesAligner()`` at the default
   placement (``--parts aligners``; the second a ``ModelMerger.refit`` of the
-  first one's statistics): which of skmerge's aligners keeps the most of the
-  base accuracy,
+  first one's statistics), and on the families without BatchNorm optimal
+  transport followed by REPAIR: which of skmerge's aligners keeps the most of
+  the base accuracy,
 * an ablation, at ``formed`` only: ``CCAAligner()`` with the
   per-channel scales (BatchNorm weights; ``ParamSlice.scale``) transformed
   as vectors (``mapping.T @ s``) instead of by the diagonal of
@@ -87,6 +88,8 @@ PARTS = ("main", "reference", "reference-both", "repair", "aligners", "dead-chan
 #: The aligners of ``--parts aligners`` (key, label, aligner), at the default placement.
 OTHER_ALIGNERS = (("optimal_transport", "optimal transport", OptimalTransportAligner),
                   ("procrustes", "Procrustes", ProcrustesAligner))
+#: ``--parts aligners``, families without BatchNorm: optimal transport followed by REPAIR.
+OT_REPAIR = "optimal_transport_repair"
 
 
 def parse_args(argv=None):
@@ -181,18 +184,31 @@ def repair_set(models, spaces, align, test) -> dict:
     return out
 
 
-def aligners_set(models, spaces, align, test) -> dict:
-    """Optimal transport and Procrustes (their default settings): one statistics pass, then a refit."""
-    out = {"taps": DEFAULT_TAPS}
+def aligner_keys(models) -> list[str]:
+    """The results of ``--parts aligners`` for a set: REPAIR after optimal transport without BatchNorm."""
+    keys = [key for key, _, _ in OTHER_ALIGNERS]
+    return keys if has_batchnorm(models[0]) else keys + [OT_REPAIR]
+
+
+def aligners_set(models, spaces, align, test, done: dict | None = None) -> dict:
+    """Optimal transport and Procrustes (their default settings): one statistics pass, then a refit;
+    without BatchNorm also optimal transport followed by REPAIR. Only the results ``done`` lacks."""
+    out = {"taps": DEFAULT_TAPS, **(done or {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merger = None
         for key, _, make in OTHER_ALIGNERS:
+            if key in out:
+                continue
             if merger is None:
                 merger = ModelMerger(models, make(), spaces=spaces, device="cpu", verbose=False).fit(align)
             else:
                 merger.refit(align, aligner=make())
             out[key] = accuracy(merger.merged_model_, test)
+        if OT_REPAIR in aligner_keys(models) and OT_REPAIR not in out:
+            merger = ModelMerger(models, OptimalTransportAligner(), spaces=spaces, repair=True, device="cpu",
+                                 verbose=False)
+            out[OT_REPAIR] = accuracy(merger.fit(align).merged_model_, test)
     return out
 
 
@@ -286,12 +302,15 @@ def run_family(family: str, taps_list, results: dict, parts=PARTS, missing: bool
             entry["repair"]["seconds"] = round(time.perf_counter() - tick, 1)
             print(f"{family} {key} REPAIR: permutation {100 * entry['repair']['permutation']:.2f}, CCA "
                   f"{100 * entry['repair']['cca_default']:.2f} ({entry['repair']['seconds']} s)", flush=True)
-        if "aligners" in parts and not (missing and "aligners" in entry):
+        done = entry.get("aligners", {}) if missing and entry.get("aligners", {}).get("taps") == DEFAULT_TAPS \
+            else {}
+        if "aligners" in parts and not all(k in done for k in aligner_keys(group)):
             tick = time.perf_counter()
-            entry["aligners"] = aligners_set(group, spaces_at(DEFAULT_TAPS), align, test)
-            entry["aligners"]["seconds"] = round(time.perf_counter() - tick, 1)
+            entry["aligners"] = aligners_set(group, spaces_at(DEFAULT_TAPS), align, test,
+                                             {k: v for k, v in done.items() if k != "seconds"})
+            entry["aligners"]["seconds"] = round(time.perf_counter() - tick + done.get("seconds", 0), 1)
             print(f"{family} {key} taps={DEFAULT_TAPS}: " + ", ".join(
-                f"{label} {100 * entry['aligners'][k]:.2f}" for k, label, _ in OTHER_ALIGNERS) +
+                f"{k} {100 * entry['aligners'][k]:.2f}" for k in aligner_keys(group)) +
                 f" ({entry['aligners']['seconds']} s)", flush=True)
         for taps in taps_list if "main" in parts else ():
             if missing and taps in entry:
@@ -395,9 +414,10 @@ def repair_table(results: dict) -> str:
 def aligners_table(results: dict) -> str:
     """Every aligner at the default placement on the sets where the other aligners were run."""
     header = ["models", "merged", "base (mean)", "permutation", "CCA (r=0.3)",
-              *(label for _, label, _ in OTHER_ALIGNERS), "best", "best, % of base"]
+              *(label for _, label, _ in OTHER_ALIGNERS), "optimal transport + REPAIR (no BatchNorm)",
+              "best", "best, % of base"]
     labels = {"permutation": "permutation", "cca_default": "CCA (r=0.3)",
-              **{k: label for k, label, _ in OTHER_ALIGNERS}}
+              **{k: label for k, label, _ in OTHER_ALIGNERS}, OT_REPAIR: "optimal transport + REPAIR"}
     rows = []
     for _, fam in _in_order(results):
         for size in sorted({len(k.split("+")) for k in fam["sets"]}):
@@ -407,12 +427,22 @@ def aligners_table(results: dict) -> str:
                 continue
             cells = {m: [e[DEFAULT_TAPS][m] for e in entries] for m in ("permutation", "cca_default")}
             cells.update({k: [e["aligners"][k] for e in entries] for k, _, _ in OTHER_ALIGNERS})
+            repaired = all(OT_REPAIR in e["aligners"] for e in entries)
+            if repaired:
+                cells[OT_REPAIR] = [e["aligners"][OT_REPAIR] for e in entries]
             base = float(np.mean([e["base_mean"] for e in entries]))
             best = max(cells, key=lambda m: float(np.mean(cells[m])))
+            shown = [_pct(v) for v in cells.values()] + ([] if repaired else ["-"])
             rows.append([fam["label"], f"{size} ({len(entries)} set{'s' if len(entries) > 1 else ''})",
-                         _pct([e["base_mean"] for e in entries]), *(_pct(v) for v in cells.values()),
+                         _pct([e["base_mean"] for e in entries]), *shown,
                          labels[best], f"{100 * float(np.mean(cells[best])) / base:.0f}"])
-    return rst_table(header, rows, stub_columns=1) if rows else "(no results of the other aligners yet)\n"
+    if not rows:
+        return "(no results of the other aligners yet)\n"
+    column = header.index("optimal transport + REPAIR (no BatchNorm)")
+    if all(row[column] == "-" for row in rows):  # not measured on any family: no empty column
+        header, rows = ([r[:column] + r[column + 1:] for r in rows_] for rows_ in ([header], rows))
+        header = header[0]
+    return rst_table(header, rows, stub_columns=1)
 
 
 def placement_table(results: dict) -> str:
@@ -543,11 +573,14 @@ def findings(results: dict) -> str:
             if all(e.get("aligners", {}).get("taps") == DEFAULT_TAPS for e in entries):
                 other = {label: 100 * float(np.mean([e["aligners"][k] for e in entries]))
                          for k, label, _ in OTHER_ALIGNERS}
+                if all(OT_REPAIR in e["aligners"] for e in entries):
+                    other["optimal transport + REPAIR"] = 100 * float(np.mean(
+                        [e["aligners"][OT_REPAIR] for e in entries]))
                 every_aligner = {**{METHODS[m]: 100 * means[m] for m in ("permutation", "cca_default")},
                                  **other}
                 best = max(every_aligner, key=every_aligner.get)
                 text += (" " + ", ".join(f"{label[0].upper()}{label[1:]} {v:.1f}" for label, v in other.items())
-                         + f"; of every aligner at its default settings, {best} keeps the most "
+                         + f"; of these and the two above, {best} keeps the most "
                          f"({100 * every_aligner[best] / (100 * base):.0f} % of the base accuracy).")
             formed = [e["formed"] for e in every if "formed" in e]
             if formed and all("cca_scales_as_vectors" in f for f in formed):
