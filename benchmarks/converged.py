@@ -102,7 +102,8 @@ def parse_args(argv=None):
                              "ridge CCA of the reference code, at formed), reference-both (the same "
                              "observed at taps=both) and repair (REPAIR after "
                              "permutation and CCA, at formed, families without BatchNorm), aligners "
-                             "(optimal transport and Procrustes at the default placement) and "
+                             "(optimal transport and Procrustes at the default placement; without "
+                             "BatchNorm also optimal transport + REPAIR) and "
                              "dead-channels (per model, the share of ReLU channels never active on the "
                              "alignment images); results of parts not run are kept")
     parser.add_argument("--missing", action="store_true",
@@ -413,8 +414,12 @@ def repair_table(results: dict) -> str:
 
 def aligners_table(results: dict) -> str:
     """Every aligner at the default placement on the sets where the other aligners were run."""
+    # the OT + REPAIR column only once it was measured somewhere (families without BatchNorm)
+    repair_column = any(OT_REPAIR in e.get("aligners", {})
+                        for fam in results["families"].values() for e in fam["sets"].values())
     header = ["models", "merged", "base (mean)", "permutation", "CCA (r=0.3)",
-              *(label for _, label, _ in OTHER_ALIGNERS), "optimal transport + REPAIR (no BatchNorm)",
+              *(label for _, label, _ in OTHER_ALIGNERS),
+              *(["optimal transport + REPAIR (no BatchNorm)"] if repair_column else []),
               "best", "best, % of base"]
     labels = {"permutation": "permutation", "cca_default": "CCA (r=0.3)",
               **{k: label for k, label, _ in OTHER_ALIGNERS}, OT_REPAIR: "optimal transport + REPAIR"}
@@ -432,17 +437,11 @@ def aligners_table(results: dict) -> str:
                 cells[OT_REPAIR] = [e["aligners"][OT_REPAIR] for e in entries]
             base = float(np.mean([e["base_mean"] for e in entries]))
             best = max(cells, key=lambda m: float(np.mean(cells[m])))
-            shown = [_pct(v) for v in cells.values()] + ([] if repaired else ["-"])
+            shown = [_pct(v) for v in cells.values()] + (["-"] if repair_column and not repaired else [])
             rows.append([fam["label"], f"{size} ({len(entries)} set{'s' if len(entries) > 1 else ''})",
                          _pct([e["base_mean"] for e in entries]), *shown,
                          labels[best], f"{100 * float(np.mean(cells[best])) / base:.0f}"])
-    if not rows:
-        return "(no results of the other aligners yet)\n"
-    column = header.index("optimal transport + REPAIR (no BatchNorm)")
-    if all(row[column] == "-" for row in rows):  # not measured on any family: no empty column
-        header, rows = ([r[:column] + r[column + 1:] for r in rows_] for rows_ in ([header], rows))
-        header = header[0]
-    return rst_table(header, rows, stub_columns=1)
+    return rst_table(header, rows, stub_columns=1) if rows else "(no results of the other aligners yet)\n"
 
 
 def placement_table(results: dict) -> str:
@@ -581,7 +580,7 @@ def findings(results: dict) -> str:
                 best = max(every_aligner, key=every_aligner.get)
                 text += (" " + ", ".join(f"{label[0].upper()}{label[1:]} {v:.1f}" for label, v in other.items())
                          + f"; of these and the two above, {best} keeps the most "
-                         f"({100 * every_aligner[best] / (100 * base):.0f} % of the base accuracy).")
+                         f"({every_aligner[best] / base:.0f} % of the base accuracy).")
             formed = [e["formed"] for e in every if "formed" in e]
             if formed and all("cca_scales_as_vectors" in f for f in formed):
                 vec = 100 * float(np.mean([f["cca_scales_as_vectors"] for f in formed]))
