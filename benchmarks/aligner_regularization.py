@@ -11,7 +11,8 @@ minute on two CPU cores)::
 
     python benchmarks/aligner_regularization.py
 
-The table is copied into docs/user_guide/aligners.rst.
+The table is written to docs/_generated/aligner_regularization.txt, which
+docs/user_guide/aligners.rst includes.
 """
 
 from __future__ import annotations

@@ -578,7 +578,8 @@ def findings(results: dict) -> str:
                 every_aligner = {**{METHODS[m]: 100 * means[m] for m in ("permutation", "cca_default")},
                                  **other}
                 best = max(every_aligner, key=every_aligner.get)
-                text += (" " + ", ".join(f"{label[0].upper()}{label[1:]} {v:.1f}" for label, v in other.items())
+                listed = ", ".join(f"{label} {v:.1f}" for label, v in other.items())
+                text += (" " + listed[0].upper() + listed[1:]
                          + f"; of these and the two above, {best} keeps the most "
                          f"({every_aligner[best] / base:.0f} % of the base accuracy).")
             formed = [e["formed"] for e in every if "formed" in e]

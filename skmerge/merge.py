@@ -26,7 +26,7 @@ from ._prediction import MergedModelClassifierMixin
 from ._space_aligners import aligner_for, check_selectors_match, check_space_aligners
 from ._statistics_cache import combination_cache, data_key, statistics_cache
 from ._validation import check_device
-from .aligners import CCAAligner
+from .aligners import CCAAligner, OptimalTransportAligner
 from .batchnorm import has_batchnorm, reset_bn_stats
 from .combine import resolve_combine
 from .graph import AveragingFallbackWarning, Space, apply_transforms
@@ -44,6 +44,29 @@ __all__ = ["ModelMerger", "SmallSampleMergeWarning"]
 
 class SmallSampleMergeWarning(UserWarning):
     """Too few alignment samples for a feature space's dimension."""
+
+
+def _is_soft_plan(aligner) -> bool:
+    """Whether a fitted aligner maps by a soft transport plan (a reference feature that is an
+    average of several), itself or in one of its blocks. A plan so sharp that every column is
+    one-hot to 1e-3 merges like a permutation and does not count."""
+    if isinstance(aligner, BlockAligner):
+        return any(_is_soft_plan(block) for block in getattr(aligner, "blocks_", ()))
+    if not isinstance(aligner, OptimalTransportAligner) or getattr(aligner, "epsilon_", 0.0) == 0.0:
+        return False
+    return float(torch.as_tensor(aligner.mapping_).amax(dim=0).min()) < 1.0 - 1e-3
+
+
+def _warn_soft_plans_without_renormalization(aligners, merged_model: nn.Module) -> None:
+    """Soft plans average features, which shrinks them layer after layer; BatchNorm or REPAIR undoes it."""
+    if has_batchnorm(merged_model):
+        return
+    if any(_is_soft_plan(a) for row in aligners for a in row if a is not None):
+        warnings.warn(
+            "OptimalTransportAligner's soft plans average features, which shrinks the merged "
+            "activations layer after layer, and the models have no BatchNorm to renormalize them: "
+            "the merge can fall to near chance. Pass repair=True (REPAIR renormalizes every merged "
+            "channel), or reg=\"exact\" for a hard matching.", UserWarning, stacklevel=5)
 
 
 class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
@@ -358,6 +381,8 @@ class ModelMerger(MergedModelClassifierMixin, BaseEstimator):
         merged_model = self._merged_module(models, self.weights_, reference, aligned)
         self.timings_["transform"] = time.perf_counter() - tick
 
+        if not repair:
+            _warn_soft_plans_without_renormalization(self.aligners_, merged_model)
         tick = time.perf_counter()
         if self.reset_bn and has_batchnorm(merged_model):
             if loader is None:

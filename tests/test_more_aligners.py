@@ -483,6 +483,42 @@ def test_merging_a_permuted_copy_reproduces_the_model(mlp_and_permuted_copy, ali
         assert all(row[1].permutation_ is not None for row in merger.aligners_)
 
 
+def _soft_plan_warnings(models, inputs, **params) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ModelMerger(models, device="cpu", verbose=False, **params).fit(inputs)
+    return [w for w in caught if "soft plans" in str(w.message)]
+
+
+def _two_mlps(batch_norm: bool):
+    def make(seed):
+        torch.manual_seed(seed)
+        norm = [torch.nn.BatchNorm1d(16)] if batch_norm else []
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), *norm, torch.nn.ReLU(),
+                                   torch.nn.Linear(16, 3)).double().eval()
+    return [make(0), make(1)], torch.randn(300, 8, dtype=torch.float64)
+
+
+def test_soft_plans_without_batchnorm_warn_to_repair():
+    """A soft plan averages features that are not perfectly correlated, which shrinks them; with
+    nothing to renormalize the merge (no BatchNorm, no REPAIR) the merger says so."""
+    models, inputs = _two_mlps(batch_norm=False)
+    caught = _soft_plan_warnings(models, inputs, aligner=OptimalTransportAligner())
+    assert len(caught) == 1 and "repair=True" in str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the caller's fit
+    assert not _soft_plan_warnings(models, inputs, aligner=OptimalTransportAligner(), repair=True)
+    assert not _soft_plan_warnings(models, inputs, aligner=OptimalTransportAligner(reg="exact"))
+    assert not _soft_plan_warnings(models, inputs, aligner=CCAAligner())
+
+
+def test_soft_plans_with_batchnorm_or_sharp_plans_do_not_warn(mlp_and_permuted_copy):
+    models, inputs = _two_mlps(batch_norm=True)
+    assert not _soft_plan_warnings(models, inputs, aligner=OptimalTransportAligner())
+    # on a permuted copy a small reg finds the permutation: nothing is averaged
+    model, permuted, inputs = mlp_and_permuted_copy
+    assert not _soft_plan_warnings([model, permuted], inputs, aligner=OptimalTransportAligner(reg=1e-3))
+
+
 # --------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------
